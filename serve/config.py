@@ -1,0 +1,81 @@
+"""Typed settings for `llm-serve`: defaults < `--config YAML` < command-line flags.
+
+Cheap checks run here, before any weights load (vLLM's "validate before loading" discipline).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ConfigError(ValueError):
+    """A setting is invalid; the message names the setting and the file it came from."""
+
+
+class ServeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field("default", description="`default`, a local HF checkpoint directory or a .gguf file.")
+    adapters: list[str] = Field(
+        default_factory=list, description="LoRA adapters as `NAME=PATH` or `PATH`; served by name."
+    )
+    host: str = Field("127.0.0.1", description="Interface to bind.")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0 picks a free one).")
+    api_key: str | None = Field(None, description="Bearer key required on /v1 routes (env LLM_SERVE_API_KEY).")
+    served_model_name: str | None = Field(None, description="Id of the base model in /v1/models.")
+    max_model_len: int | None = Field(
+        None, ge=16, description="Longest prompt+completion in tokens (default: the model's, capped at 4096)."
+    )
+    max_num_seqs: int = Field(16, ge=1, le=256, description="Sequences decoded together in one batch.")
+    max_queue: int = Field(256, ge=1, description="Requests waiting beyond the running batch before 429.")
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest request body accepted (413).")
+    kv_cache_memory_gb: float | None = Field(
+        None, gt=0, description="Memory budget for the KV cache in GiB (default: enough for max_num_seqs)."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype; auto is float32 on CPU and the checkpoint's dtype on GPU."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the HF engine runs.")
+    engine: Literal["hf", "vllm"] = Field("hf", description="transformers+PEFT or vLLM.")
+    allow_base_mismatch: bool = Field(
+        False, description="Serve adapters whose recorded base model differs from the served one."
+    )
+    ui: bool = Field(False, description="Mount the Gradio chat page at /ui.")
+    shutdown_timeout: float = Field(30.0, ge=0, description="Seconds in-flight requests get on SIGTERM.")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # vLLM pass-through (ignored by the HF engine)
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM: GPUs per replica (tensor parallel).")
+    pipeline_parallel_size: int = Field(1, ge=1, description="vLLM: pipeline stages.")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vLLM: fraction of GPU memory.")
+    enforce_eager: bool = Field(False, description="vLLM: skip CUDA graphs / compilation.")
+
+    def resolved_api_key(self) -> str | None:
+        return self.api_key or os.environ.get("LLM_SERVE_API_KEY") or None
+
+
+def load_config(path: str | Path | None, overrides: dict) -> ServeConfig:
+    """Merge YAML (if any) with explicit overrides and validate."""
+    data: dict = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML ({exc})") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: expected a mapping of settings, got {type(data).__name__}")
+        data = {k.replace("-", "_"): v for k, v in data.items()}
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return ServeConfig(**data)
+    except ValidationError as exc:
+        where = f" in {path}" if path else ""
+        msgs = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"invalid setting{where}: {msgs}") from exc

@@ -1,0 +1,61 @@
+"""The narrow interface every engine implements (transformers+PEFT, vLLM, test fakes).
+
+An engine is built once at start-up with the base model and every adapter; after that it only
+generates. Cancellation is cooperative: closing the async iterator returned by `generate` (which
+happens when the HTTP client disconnects) aborts the request and frees its slot.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from serve.engine.types import GenerationOutput, GenerationRequest
+
+
+@dataclass
+class EngineStats:
+    """Point-in-time load figures, exported on /metrics."""
+
+    waiting: int = 0
+    running: int = 0
+    kv_cache_usage: float = 0.0  # fraction of the KV budget in use
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class Engine(abc.ABC):
+    """Generates tokens for a base model and its LoRA adapters."""
+
+    #: Longest prompt + completion the engine accepts, in tokens.
+    max_model_len: int
+    #: A Hugging Face tokenizer (encode/decode/convert_ids_to_tokens/apply_chat_template).
+    tokenizer: object
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Load weights and start the generation loop; returns when requests can be accepted."""
+
+    @abc.abstractmethod
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+        """Stream incremental outputs for one request; the last one has `finish_reason` set.
+
+        Raises EngineOverloadedError when the queue is full, before yielding anything.
+        """
+
+    @abc.abstractmethod
+    async def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop accepting requests, let running ones finish for up to `timeout` s, then stop."""
+
+    @abc.abstractmethod
+    def adapter_names(self) -> list[str]:
+        """Names of the adapters this engine can apply (the base is `None` in requests)."""
+
+    @abc.abstractmethod
+    def stats(self) -> EngineStats:
+        """Queue and cache figures for /metrics."""
+
+    @property
+    @abc.abstractmethod
+    def ready(self) -> bool:
+        """True once the engine has produced a token (a warm-up or a real request)."""

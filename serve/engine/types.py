@@ -1,0 +1,74 @@
+"""Plain data crossing the engine boundary: sampling parameters, requests and incremental outputs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+FinishReason = Literal["stop", "length", "abort", "error"]
+
+
+@dataclass
+class SamplingParams:
+    """How to generate. `max_tokens` is already clamped to the context by the caller."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # Top-k alternatives to report per generated token; None = no logprobs, 0 = only the chosen token.
+    logprobs: int | None = None
+    # Same for the prompt tokens (completions with echo=true); the first prompt token has none.
+    prompt_logprobs: int | None = None
+    ignore_eos: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < 1e-5
+
+
+@dataclass
+class GenerationRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    adapter: str | None = None  # None: the base model
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class GenerationOutput:
+    """One incremental update for a request: the tokens and text produced since the last one."""
+
+    request_id: str
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[TokenLogprob] | None = None
+    # Sent once, with the first update, when prompt_logprobs was asked (None for the first token).
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    finish_reason: FinishReason | None = None
+    num_prompt_tokens: int = 0
+    num_generated_tokens: int = 0
+    error: str | None = None  # set with finish_reason="error"
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class EngineOverloadedError(RuntimeError):
+    """The engine's queue is full (HTTP 429)."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop stopped and cannot serve requests (HTTP 503)."""
