@@ -1,0 +1,205 @@
+"""The chat page: layout and event wiring of the Gradio app (logic lives in `ui.handlers`).
+
+    blocks = create_ui("http://127.0.0.1:8000", api_key=None, feedback_dir=Path("feedback"))
+    gradio.mount_gradio_app(fastapi_app, blocks, path="/ui")   # what `llm-serve --ui` does
+    blocks.launch()                                            # what `llm-ui` does
+
+The page only talks to the OpenAI-compatible API at `base_url` (fetched at page load, so models
+added later appear on reload or ↻), never to the engine directly.
+"""
+
+# No `from __future__ import annotations` here: Gradio finds the LikeData parameter of `rate` below
+# through its annotation object, which must not be a string naming a function-local import.
+from functools import partial
+from pathlib import Path
+
+from ui.api import Sampling, api_base
+from ui.handlers import Handlers
+
+EXAMPLES = [
+    "你是谁？",
+    "What is the capital of France?",
+    "Write a haiku about autumn leaves.",
+    "Explain LoRA fine-tuning in two sentences.",
+]
+
+CSS = """
+.api-error { background: #fde8e8; border: 1px solid #f05252; color: #771d1d; border-radius: 8px;
+             padding: 10px 14px; font-size: 0.95rem; }
+#feedback-note, #ab-note { min-height: 1.5em; font-size: 0.9rem; }
+footer { display: none !important; }
+"""
+
+# System fonts only: the default themes fetch Google Fonts, which an offline page waits on.
+FONT = ["ui-sans-serif", "system-ui", "Segoe UI", "Roboto", "sans-serif"]
+FONT_MONO = ["ui-monospace", "SFMono-Regular", "Menlo", "monospace"]
+
+
+def create_ui(
+    base_url: str,
+    api_key: str | None,
+    feedback_dir: Path,
+    *,
+    defaults: Sampling | None = None,
+    concurrency_limit: int = 16,
+):
+    """Build the chat page for the API at `base_url`; feedback goes to `feedback_dir`.
+
+    Returns a `gradio.Blocks` with its queue configured (`concurrency_limit` streams at once per
+    event), ready for `gradio.mount_gradio_app` or `.launch()`.
+    """
+    import gradio as gr
+
+    defaults = defaults or Sampling()
+    h = Handlers(base_url, api_key, Path(feedback_dir))
+    theme = gr.themes.Soft(primary_hue="indigo", font=FONT, font_mono=FONT_MONO)
+
+    with gr.Blocks(title="llm-serve chat", theme=theme, css=CSS, analytics_enabled=False) as blocks:
+        gr.Markdown(
+            f"### llm-serve · chat with your models and adapters\n"
+            f"API `{api_base(base_url)}` · feedback saved to `{feedback_dir}` "
+            f"(`feedback_kto`, `feedback_dpo` in its dataset_info.json)"
+        )
+        error_box = gr.HTML(visible=False, elem_id="api-error")
+        meta = gr.State([])
+        ab_state = gr.State({})
+
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=1, min_width=260):
+                model = gr.Dropdown(
+                    label="Model or adapter", choices=[], allow_custom_value=True, elem_id="model"
+                )
+                refresh = gr.Button("↻ Refresh models", size="sm", elem_id="refresh")
+                system = gr.Textbox(label="System prompt", lines=3, placeholder="Optional", elem_id="system")
+                temperature = gr.Slider(0, 2, value=defaults.temperature, step=0.05, label="Temperature")
+                top_p = gr.Slider(0.05, 1, value=defaults.top_p, step=0.05, label="Top p")
+                max_tokens = gr.Slider(
+                    1, 4096, value=defaults.max_tokens, step=1, label="Max tokens", elem_id="max-tokens"
+                )
+
+            with gr.Column(scale=3), gr.Tabs():
+                with gr.Tab("Chat", id="chat"):
+                    chatbot = gr.Chatbot(
+                        type="messages",
+                        allow_tags=False,
+                        height=440,
+                        label="Chat",
+                        elem_id="chatbot",
+                        show_copy_button=True,
+                        placeholder="Pick a model, type a message. 👍/👎 on a reply saves it as KTO data.",
+                    )
+                    with gr.Row():
+                        msg = gr.Textbox(
+                            show_label=False,
+                            placeholder="Message (Enter sends, Shift+Enter for a new line)",
+                            scale=6,
+                            elem_id="chat-input",
+                        )
+                        send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
+                        stop = gr.Button("Stop", variant="stop", scale=1, visible=False, elem_id="stop")
+                    with gr.Row():
+                        clear = gr.Button("Clear", size="sm", elem_id="clear")
+                        export = gr.Button("Export JSON", size="sm", elem_id="export")
+                    export_file = gr.File(label="Conversation JSON", visible=False, elem_id="export-file")
+                    feedback_note = gr.Markdown(elem_id="feedback-note")
+                    gr.Examples([[e] for e in EXAMPLES], inputs=[msg], label="Example prompts")
+
+                with gr.Tab("A/B compare", id="ab"):
+                    with gr.Row():
+                        left_model = gr.Dropdown(
+                            label="Left", choices=[], allow_custom_value=True, elem_id="left-model"
+                        )
+                        right_model = gr.Dropdown(
+                            label="Right", choices=[], allow_custom_value=True, elem_id="right-model"
+                        )
+                    with gr.Row():
+                        ab_prompt = gr.Textbox(
+                            show_label=False,
+                            placeholder="One prompt for both models (uses the system prompt and sampling)",
+                            scale=6,
+                            elem_id="ab-input",
+                        )
+                        ab_run = gr.Button("Compare", variant="primary", scale=1, elem_id="ab-run")
+                        ab_stop = gr.Button("Stop", variant="stop", scale=1, visible=False, elem_id="ab-stop")
+                    with gr.Row(equal_height=True):
+                        left_chat = gr.Chatbot(
+                            type="messages", allow_tags=False, height=360, label="Left", elem_id="ab-left"
+                        )
+                        right_chat = gr.Chatbot(
+                            type="messages", height=360, label="Right", elem_id="ab-right"
+                        )
+                    with gr.Row():
+                        left_better = gr.Button("◀ Left is better", interactive=False, elem_id="left-better")
+                        right_better = gr.Button(
+                            "Right is better ▶", interactive=False, elem_id="right-better"
+                        )
+                    ab_note = gr.Markdown(elem_id="ab-note")
+                    gr.Examples([[e] for e in EXAMPLES], inputs=[ab_prompt], label="Example prompts")
+
+        pickers = [model, left_model, right_model]
+        blocks.load(h.refresh_models, pickers, [*pickers, error_box])
+        refresh.click(h.refresh_models, pickers, [*pickers, error_box])
+
+        sampling = [system, temperature, top_p, max_tokens]
+        streams = []
+        for trigger in (msg.submit, send.click):
+            started = trigger(
+                h.start_turn,
+                [msg, chatbot, meta, model, *sampling],
+                [msg, chatbot, meta, error_box, send, stop],
+                queue=False,
+            )
+            streamed = started.success(h.stream_turn, [chatbot, meta], [chatbot, meta, msg, error_box])
+            streamed.then(h.end_turn, None, [send, stop], queue=False)
+            streams.append(streamed)
+        stop.click(h.end_turn, None, [send, stop], cancels=streams, queue=False)
+
+        def rate(history: list, meta_: list, like: gr.LikeData) -> str:
+            return h.rate(history, meta_, like)
+
+        chatbot.like(rate, [chatbot, meta], [feedback_note])
+        clear_outputs = [chatbot, meta, feedback_note, error_box, export_file]
+        clear.click(h.clear, None, clear_outputs, queue=False)
+        chatbot.clear(h.clear, None, clear_outputs, queue=False)
+        export.click(h.export, [chatbot, meta], [export_file])
+
+        ab_streams = []
+        for trigger in (ab_prompt.submit, ab_run.click):
+            started = trigger(
+                h.start_ab,
+                [ab_prompt, left_model, right_model, *sampling],
+                [
+                    left_chat,
+                    right_chat,
+                    ab_state,
+                    left_better,
+                    right_better,
+                    ab_note,
+                    error_box,
+                    ab_run,
+                    ab_stop,
+                ],
+                queue=False,
+            )
+            streamed = started.success(
+                h.stream_ab, [ab_state], [left_chat, right_chat, left_better, right_better, error_box]
+            )
+            streamed.then(h.end_ab, None, [ab_run, ab_stop], queue=False)
+            ab_streams.append(streamed)
+        ab_stop.click(
+            h.stop_ab,
+            [left_chat, right_chat],
+            [left_better, right_better, ab_run, ab_stop],
+            cancels=ab_streams,
+            queue=False,
+        )
+        for button, side in ((left_better, "left"), (right_better, "right")):
+            button.click(
+                partial(h.prefer, side),
+                [left_chat, right_chat, ab_state],
+                [ab_note, left_better, right_better],
+                queue=False,
+            )
+
+    blocks.queue(default_concurrency_limit=concurrency_limit)
+    return blocks

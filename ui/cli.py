@@ -1,0 +1,78 @@
+"""`llm-ui`: run the chat page standalone against any OpenAI-compatible server.
+
+    llm-ui --base-url http://127.0.0.1:8000 [--api-key KEY] [--feedback-dir feedback] [--port 7860]
+
+`llm-serve --ui` serves the same page at /ui of the API server itself; use `llm-ui` for a server
+elsewhere (another llm-serve, vLLM's `vllm serve`, ...). Exit codes: 0 after Ctrl+C, 2 bad settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ui.config import UIConfig, UIConfigError, load_config
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fields = UIConfig.model_fields
+    p = argparse.ArgumentParser(prog="llm-ui", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", help="YAML file with any of the settings below (flags win).")
+    p.add_argument("--base-url", help=fields["base_url"].description + " Default http://127.0.0.1:8000.")
+    p.add_argument("--api-key", help=fields["api_key"].description)
+    p.add_argument("--feedback-dir", help=fields["feedback_dir"].description + " Default ./feedback.")
+    p.add_argument("--host", help=fields["host"].description + " Default 127.0.0.1.")
+    p.add_argument("--port", type=int, help=fields["port"].description + " Default 7860.")
+    p.add_argument("--temperature", type=float, help=fields["temperature"].description)
+    p.add_argument("--top-p", type=float, help=fields["top_p"].description)
+    p.add_argument("--max-tokens", type=int, help=fields["max_tokens"].description)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if k != "config"}
+    try:
+        config = load_config(args.config, overrides)
+        if config.feedback_dir.exists() and not config.feedback_dir.is_dir():
+            raise UIConfigError(f"--feedback-dir {config.feedback_dir} exists and is not a folder")
+    except UIConfigError as exc:
+        print(f"llm-ui: {exc}", file=sys.stderr)
+        return 2
+
+    import os
+
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    from ui.api import Sampling, api_base
+    from ui.app import create_ui
+
+    blocks = create_ui(
+        config.base_url,
+        config.resolved_api_key(),
+        config.feedback_dir,
+        defaults=Sampling(config.temperature, config.top_p, config.max_tokens),
+    )
+    print(
+        f"llm-ui: chat page at http://{config.host}:{config.port}/ (API {api_base(config.base_url)}, "
+        f"feedback in {config.feedback_dir.resolve()})",
+        flush=True,
+    )
+    try:
+        blocks.launch(
+            server_name=config.host,
+            server_port=config.port,
+            show_api=False,
+            inbrowser=False,
+            share=False,
+            quiet=True,
+        )
+    except KeyboardInterrupt:
+        pass
+    except OSError as exc:  # port taken, interface missing
+        print(f"llm-ui: cannot listen on {config.host}:{config.port}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,275 @@
+"""What the chat page does on each event: fill the model pickers, stream replies, rate, compare, export.
+
+`Handlers` holds the API address, key and feedback store; `ui.app` wires its methods to the Gradio
+components. Streaming handlers are async generators: when the page's Stop button cancels them, the
+`finally` blocks close the HTTP streams so the server stops generating for a reader who left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+from pathlib import Path
+from typing import Any
+
+from ui.api import Sampling, api_base, describe_error, list_models, make_client, stream_chat
+from ui.conversation import (
+    export_payload,
+    plain,
+    rated_messages,
+    request_messages,
+    text_of,
+    with_system,
+    write_export,
+)
+from ui.feedback import FeedbackError, FeedbackStore
+
+SIDES = ("left", "right")
+
+
+def error_update(message: str | None) -> Any:
+    """The error banner: shown with `message`, hidden when None."""
+    import gradio as gr
+
+    if not message:
+        return gr.update(value="", visible=False)
+    lines = "<br>".join(html.escape(line) for line in message.splitlines())
+    return gr.update(
+        value=f'<div class="api-error" role="alert"><b>API error</b> · {lines}</div>', visible=True
+    )
+
+
+def _last_reply(chat: list[dict] | None) -> str:
+    replies = [text_of(m) for m in chat or [] if m.get("role") == "assistant"]
+    return replies[-1] if replies else ""
+
+
+def _running(running: bool) -> tuple[Any, Any]:
+    """(start button, stop button) while a stream runs or after it ends."""
+    import gradio as gr
+
+    return gr.update(visible=not running), gr.update(visible=running)
+
+
+class Handlers:
+    """Event handlers of one chat page, bound to one API and one feedback folder."""
+
+    def __init__(self, base_url: str, api_key: str | None, feedback_dir: Path):
+        self.base_url = base_url
+        self.api_key = api_key
+        self.store = FeedbackStore(feedback_dir)
+
+    def _client(self):
+        return make_client(self.base_url, self.api_key)
+
+    # --- models -------------------------------------------------------------------------------
+    async def refresh_models(self, chat_model: str | None, left_model: str | None, right_model: str | None):
+        """Fill the three pickers from /v1/models, keeping selections that still exist."""
+        import gradio as gr
+        import openai
+
+        try:
+            async with self._client() as client:
+                entries = await list_models(client)
+        except openai.OpenAIError as exc:
+            return gr.update(), gr.update(), gr.update(), error_update(describe_error(exc, self.base_url))
+        if not entries:
+            return gr.update(), gr.update(), gr.update(), error_update("The server lists no models.")
+        ids = [e.id for e in entries]
+        choices = [(e.label, e.id) for e in entries]
+        base = entries[0].id
+        adapter = next((e.id for e in entries if e.parent), base)
+
+        def pick(current: str | None, fallback: str) -> Any:
+            return gr.update(choices=choices, value=current if current in ids else fallback)
+
+        return pick(chat_model, base), pick(left_model, base), pick(right_model, adapter), error_update(None)
+
+    # --- chat ---------------------------------------------------------------------------------
+    def start_turn(self, text, history, meta, model, system, temperature, top_p, max_tokens):
+        """Append the user's message and an empty reply that `stream_turn` fills."""
+        import gradio as gr
+
+        text = (text or "").strip()
+        if not text:
+            raise gr.Error("Type a message first.")
+        if not model:
+            raise gr.Error("Pick a model first (↻ refreshes the list).")
+        history = plain(history or [])
+        meta = (list(meta or []) + [{}] * len(history))[: len(history)]
+        sampling = Sampling(float(temperature), float(top_p), int(max_tokens))
+        history += [{"role": "user", "content": text}, {"role": "assistant", "content": ""}]
+        meta += [{}, {"model": model, "system": system or "", "sampling": sampling.as_dict()}]
+        return ("", history, meta, error_update(None), *_running(True))
+
+    async def stream_turn(self, history, meta):
+        """Stream the reply into the last message; on an API error restore the prompt and say why."""
+        import gradio as gr
+        import openai
+
+        history = plain(history or [])
+        if len(history) < 2 or history[-1] != {"role": "assistant", "content": ""}:
+            return
+        info = meta[-1]
+        messages = request_messages(history[:-1], info["system"])
+        try:
+            async with self._client() as client:
+                async for delta in stream_chat(client, info["model"], messages, Sampling(**info["sampling"])):
+                    history[-1] = {"role": "assistant", "content": history[-1]["content"] + delta}
+                    yield list(history), meta, gr.update(), gr.update()
+        except openai.OpenAIError as exc:
+            error = error_update(describe_error(exc, self.base_url))
+            if history[-1]["content"]:
+                yield history, meta, gr.update(), error
+            else:  # nothing came back: take the turn out and give the text back to edit or resend
+                yield history[:-2], meta[:-2], history[-2]["content"], error
+
+    def end_turn(self):
+        return _running(False)
+
+    def rate(self, history, meta, like: Any):
+        """Thumbs up/down on a reply -> one KTO row (`like` is Gradio's LikeData)."""
+        if like.liked not in (True, False):
+            return "Rating cleared in the page; rows already saved stay in the dataset."
+        index = like.index[0] if isinstance(like.index, (list, tuple)) else like.index
+        history = plain(history or [])
+        meta = list(meta or [])
+        try:
+            messages = rated_messages(history, meta, int(index))
+            model = meta[index].get("model", "") if index < len(meta) else ""
+            saved = self.store.record_kto(messages, liked=like.liked, model=model)
+        except (FeedbackError, ValueError) as exc:
+            return f"Not saved: {exc}"
+        mark = "👍" if like.liked else "👎"
+        return f"{mark} saved as row {saved.row} of `{saved.path}` (dataset `{saved.dataset}`)."
+
+    def clear(self):
+        import gradio as gr
+
+        return [], [], "", error_update(None), gr.update(value=None, visible=False)
+
+    def export(self, history, meta):
+        """Write the conversation as JSON and offer it for download."""
+        import gradio as gr
+
+        history = plain(history or [])
+        if not history:
+            raise gr.Error("Nothing to export yet.")
+        path = write_export(export_payload(history, list(meta or []), api_base(self.base_url)))
+        return gr.update(value=str(path), visible=True)
+
+    # --- A/B ----------------------------------------------------------------------------------
+    def start_ab(self, prompt, left_model, right_model, system, temperature, top_p, max_tokens):
+        """Show the prompt on both sides and remember what the pair is being asked."""
+        import gradio as gr
+
+        prompt = (prompt or "").strip()
+        if not prompt:
+            raise gr.Error("Type a prompt first.")
+        if not left_model or not right_model:
+            raise gr.Error("Pick a model for both sides.")
+        sampling = Sampling(float(temperature), float(top_p), int(max_tokens))
+        state = {
+            "prompt": prompt,
+            "system": system or "",
+            "left": left_model,
+            "right": right_model,
+            "sampling": sampling.as_dict(),
+        }
+        pair = [{"role": "user", "content": prompt}, {"role": "assistant", "content": ""}]
+        off = gr.update(interactive=False)
+        return (
+            gr.update(value=pair, label=f"Left · {left_model}"),
+            gr.update(value=list(pair), label=f"Right · {right_model}"),
+            state,
+            off,
+            off,
+            "",
+            error_update(None),
+            *_running(True),
+        )
+
+    async def stream_ab(self, state):
+        """Stream both models' replies side by side, as their tokens arrive."""
+        import gradio as gr
+        import openai
+
+        if not state:
+            return
+        messages = with_system(state["system"], [{"role": "user", "content": state["prompt"]}])
+        sampling = Sampling(**state["sampling"])
+        texts = dict.fromkeys(SIDES, "")
+        errors: dict[str, str] = {}
+        events: asyncio.Queue = asyncio.Queue()
+
+        def view(done: bool):
+            chats = [
+                [{"role": "user", "content": state["prompt"]}, {"role": "assistant", "content": texts[s]}]
+                for s in SIDES
+            ]
+            ready = done and not errors and all(texts.values())
+            message = "\n".join(f"{s.title()} ({state[s]}): {errors[s]}" for s in SIDES if s in errors)
+            buttons = gr.update(interactive=ready) if done else gr.update()
+            return (*chats, buttons, buttons, error_update(message) if done else gr.update())
+
+        async def pump(client, side: str) -> None:
+            try:
+                async for delta in stream_chat(client, state[side], messages, sampling):
+                    await events.put((side, delta))
+            except openai.OpenAIError as exc:
+                errors[side] = describe_error(exc, self.base_url)
+            finally:
+                await events.put((side, None))
+
+        async with self._client() as client:
+            tasks = [asyncio.create_task(pump(client, side)) for side in SIDES]
+            try:
+                running = len(tasks)
+                while running:
+                    side, delta = await events.get()
+                    if delta is None:
+                        running -= 1
+                        continue
+                    texts[side] += delta
+                    yield view(done=False)
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+        yield view(done=True)
+
+    def stop_ab(self, left_chat, right_chat):
+        """After Stop, the partial replies can still be compared."""
+        import gradio as gr
+
+        ready = gr.update(interactive=bool(_last_reply(left_chat) and _last_reply(right_chat)))
+        return (ready, ready, *_running(False))
+
+    def end_ab(self):
+        return _running(False)
+
+    def prefer(self, winner: str, left_chat, right_chat, state):
+        """'Left/right is better' -> one DPO row; the buttons lock until the next comparison."""
+        import gradio as gr
+
+        if not state:
+            return "Run a comparison first.", gr.update(), gr.update()
+        replies = {"left": _last_reply(left_chat), "right": _last_reply(right_chat)}
+        loser = "right" if winner == "left" else "left"
+        conversation = with_system(state["system"], [{"role": "user", "content": state["prompt"]}])
+        try:
+            saved = self.store.record_dpo(
+                conversation,
+                chosen=replies[winner],
+                rejected=replies[loser],
+                chosen_model=state[winner],
+                rejected_model=state[loser],
+            )
+        except FeedbackError as exc:
+            return f"Not saved: {exc}", gr.update(), gr.update()
+        off = gr.update(interactive=False)
+        note = (
+            f"{winner.title()} ({state[winner]}) preferred: saved as row {saved.row} of `{saved.path}` "
+            f"(dataset `{saved.dataset}`)."
+        )
+        return note, off, off
