@@ -26,7 +26,9 @@ class ServeConfig(BaseModel):
     )
     host: str = Field("127.0.0.1", description="Interface to bind.")
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0 picks a free one).")
-    api_key: str | None = Field(None, description="Bearer key required on /v1 routes (env LLM_SERVE_API_KEY).")
+    api_key: str | None = Field(
+        None, description="Bearer key required on /v1 routes (env LLM_SERVE_API_KEY)."
+    )
     served_model_name: str | None = Field(None, description="Id of the base model in /v1/models.")
     max_model_len: int | None = Field(
         None, ge=16, description="Longest prompt+completion in tokens (default: the model's, capped at 4096)."
@@ -46,6 +48,7 @@ class ServeConfig(BaseModel):
         False, description="Serve adapters whose recorded base model differs from the served one."
     )
     ui: bool = Field(False, description="Mount the Gradio chat page at /ui.")
+    feedback_dir: str = Field("feedback", description="Where the chat page saves feedback as KTO/DPO data.")
     shutdown_timeout: float = Field(30.0, ge=0, description="Seconds in-flight requests get on SIGTERM.")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # vLLM pass-through (ignored by the HF engine)

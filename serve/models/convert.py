@@ -87,7 +87,9 @@ def _fix_special_tokens(tokenizer, config) -> None:
     if eos is not None:
         tokenizer.eos_token = tokenizer.convert_ids_to_tokens(int(eos))
     pad = getattr(config, "pad_token_id", None)
-    tokenizer.pad_token = tokenizer.convert_ids_to_tokens(int(pad)) if pad is not None else tokenizer.eos_token
+    tokenizer.pad_token = (
+        tokenizer.convert_ids_to_tokens(int(pad)) if pad is not None else tokenizer.eos_token
+    )
 
 
 def _eos_ids(tokenizer, config) -> list[int]:

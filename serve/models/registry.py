@@ -67,9 +67,7 @@ def gguf_checkpoint_dir(gguf: Path) -> Path:
 
 
 def is_checkpoint_dir(path: Path) -> bool:
-    return (path / "config.json").is_file() and (
-        any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
-    )
+    return (path / "config.json").is_file() and (any(path.glob("*.safetensors")) or any(path.glob("*.bin")))
 
 
 def resolve_model(name: str | os.PathLike | None = None, *, bootstrap: bool = True) -> ResolvedModel:
@@ -82,7 +80,7 @@ def resolve_model(name: str | os.PathLike | None = None, *, bootstrap: bool = Tr
         target = default_checkpoint_dir()
         if not is_checkpoint_dir(target):
             if not bootstrap:
-                raise ModelNotFoundError(f"default model not bootstrapped yet; run `llm-models pull default`")
+                raise ModelNotFoundError("default model not bootstrapped yet; run `llm-models pull default`")
             from serve.models.convert import convert_gguf
 
             convert_gguf(default_gguf_path(), target)

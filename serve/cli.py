@@ -1,0 +1,105 @@
+"""`llm-serve`: an OpenAI-compatible server for a base model and its LoRA adapters.
+
+Run as: llm-serve [--model default|PATH] [--adapter [NAME=]PATH ...] [--port 8000] [--api-key KEY]
+Settings come from defaults < `--config YAML` < flags. Adapters are checked before weights load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from serve.config import ConfigError, ServeConfig, load_config
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llm-serve", description=__doc__.split("\n\n")[0])
+    f = ServeConfig.model_fields
+    p.add_argument("--config", help="YAML file with any of the settings below")
+    p.add_argument("--model", help=f["model"].description)
+    p.add_argument(
+        "--adapter", dest="adapters", action="append", metavar="[NAME=]PATH", help=f["adapters"].description
+    )
+    p.add_argument("--host", help=f["host"].description)
+    p.add_argument("--port", type=int, help=f["port"].description)
+    p.add_argument("--api-key", help=f["api_key"].description)
+    p.add_argument("--served-model-name", help=f["served_model_name"].description)
+    p.add_argument("--max-model-len", type=int, help=f["max_model_len"].description)
+    p.add_argument("--max-num-seqs", type=int, help=f["max_num_seqs"].description)
+    p.add_argument("--max-queue", type=int, help=f["max_queue"].description)
+    p.add_argument("--kv-cache-memory-gb", type=float, help=f["kv_cache_memory_gb"].description)
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help=f["dtype"].description)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help=f["device"].description)
+    p.add_argument("--engine", choices=["hf", "vllm"], help=f["engine"].description)
+    p.add_argument(
+        "--allow-base-mismatch", action="store_true", default=None, help=f["allow_base_mismatch"].description
+    )
+    p.add_argument("--ui", action="store_true", default=None, help=f["ui"].description)
+    p.add_argument("--feedback-dir", help=f["feedback_dir"].description)
+    p.add_argument("--shutdown-timeout", type=float, help=f["shutdown_timeout"].description)
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--tensor-parallel-size", type=int, help=f["tensor_parallel_size"].description)
+    p.add_argument("--pipeline-parallel-size", type=int, help=f["pipeline_parallel_size"].description)
+    p.add_argument("--gpu-memory-utilization", type=float, help=f["gpu_memory_utilization"].description)
+    p.add_argument("--enforce-eager", action="store_true", default=None, help=f["enforce_eager"].description)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = vars(build_parser().parse_args(argv))
+    config_path = args.pop("config")
+    try:
+        config = load_config(config_path, args)
+    except ConfigError as exc:
+        print(f"llm-serve: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+    from serve.adapters import AdapterError
+    from serve.models import ModelNotFoundError
+    from serve.preflight import preflight
+
+    try:
+        model, adapters = preflight(config)
+    except (AdapterError, ModelNotFoundError) as exc:
+        print(f"llm-serve: {exc}", file=sys.stderr)
+        return 2
+
+    import uvicorn
+
+    from serve.engine.factory import create_engine
+    from serve.http.app import build_app
+    from serve.served import ServedModels
+
+    engine = create_engine(config, model, adapters)
+    base_id = config.served_model_name or model.served_id
+
+    def make_served(eng) -> ServedModels:
+        return ServedModels(base_id, str(model.path), adapters, eng.tokenizer)
+
+    mount_ui = None
+    if config.ui:
+        from serve.http.ui_mount import make_ui_mounter
+
+        mount_ui = make_ui_mounter(config)
+    app = build_app(engine, config, make_served, mount_ui=mount_ui)
+    print(
+        f"llm-serve: {base_id} + {len(adapters)} adapter(s) on http://{config.host}:{config.port}", flush=True
+    )
+    if config.ui:
+        print(f"llm-serve: chat UI at http://{config.host}:{config.port}/ui", flush=True)
+    uvicorn.run(
+        app,
+        host=config.host,
+        port=config.port,
+        log_level=config.log_level,
+        timeout_graceful_shutdown=config.shutdown_timeout,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

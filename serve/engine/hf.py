@@ -1,0 +1,359 @@
+"""The transformers+PEFT-format engine: continuous batching with per-token multi-LoRA on CPU or GPU.
+
+A dedicated thread runs the step loop (torch releases the GIL, so the HTTP event loop stays
+responsive): admit requests, run one packed forward pass over decode tokens and prompt chunks
+(`kv_cache.slot_attention`), sample each row with its own parameters, stream outputs back to the
+asyncio side, free finished sequences at once. Adapters are applied per token (`lora.py`), so
+requests for different adapters and the base share one batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from serve.adapters import AdapterSpec
+from serve.config import ServeConfig
+from serve.engine.base import Engine, EngineStats
+from serve.engine.detokenizer import IncrementalDetokenizer
+from serve.engine.scheduler import Scheduler, Sequence, StepPlan
+from serve.engine.types import (
+    EngineDeadError,
+    EngineOverloadedError,
+    GenerationOutput,
+    GenerationRequest,
+    SamplingParams,
+    TokenLogprob,
+)
+from serve.models import ResolvedModel
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_MODEL_LEN = 4096
+
+
+@dataclass
+class _SeqState:
+    detok: IncrementalDetokenizer
+    generator: object
+    emit: object  # callable(GenerationOutput), thread-safe
+    prompt_logprobs: list | None
+    sent_prompt_logprobs: bool = False
+
+
+class HFEngine(Engine):
+    def __init__(self, config: ServeConfig, model: ResolvedModel, adapters: list[AdapterSpec]):
+        self.config = config
+        self.resolved = model
+        self.adapter_specs = adapters
+        self._adapter_index = {a.name: i for i, a in enumerate(adapters)}
+        self._ready = False
+        self._dead: str | None = None
+        self._accepting = False
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._incoming: list[Sequence] = []
+        self._aborts: set[str] = set()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.steps = 0
+        self.tokenizer = None
+        self.max_model_len = 0
+
+    # ------------------------------------------------------------------ set-up
+
+    def load(self) -> None:
+        """Load weights, tokenizer, adapters and the KV cache (blocking; call from a worker thread)."""
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from serve.engine.kv_cache import ATTN_IMPLEMENTATION, SlotKVCache, register_attention
+        from serve.engine.lora import LoRAContext, install_adapters
+
+        cfg = self.config
+        device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        if cfg.dtype == "auto":
+            dtype = torch.float32 if device == "cpu" else torch.bfloat16
+        else:
+            dtype = getattr(torch, cfg.dtype)
+        register_attention()
+        t0 = time.monotonic()
+        model = AutoModelForCausalLM.from_pretrained(self.resolved.path, dtype=dtype)
+        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+        model.to(device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(self.resolved.path)
+        self.lora_ctx = LoRAContext()
+        install_adapters(model, [(a.name, a.path) for a in self.adapter_specs], self.lora_ctx)
+        mc = model.config
+        model_max = int(getattr(mc, "max_position_embeddings", DEFAULT_MAX_MODEL_LEN))
+        self.max_model_len = min(cfg.max_model_len or min(model_max, DEFAULT_MAX_MODEL_LEN), model_max)
+        head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
+        kv_heads = getattr(mc, "num_key_value_heads", None) or mc.num_attention_heads
+        slots = cfg.max_num_seqs
+        per_slot = SlotKVCache.bytes_needed(
+            mc.num_hidden_layers, 1, kv_heads, self.max_model_len, head_dim, dtype
+        )
+        if cfg.kv_cache_memory_gb:
+            fit = int(cfg.kv_cache_memory_gb * 2**30 // per_slot)
+            if fit < 1:
+                raise ValueError(
+                    f"kv_cache_memory_gb={cfg.kv_cache_memory_gb} cannot hold one sequence of "
+                    f"max_model_len={self.max_model_len} ({per_slot / 2**30:.2f} GiB); lower --max-model-len"
+                )
+            if fit < slots:
+                logger.warning("KV budget fits %d sequences; lowering max_num_seqs from %d", fit, slots)
+                slots = fit
+        self.cache = SlotKVCache(
+            mc.num_hidden_layers, slots, kv_heads, self.max_model_len, head_dim, dtype, device
+        )
+        self.model, self.device, self.dtype = model, device, dtype
+        self.decoder = model.get_decoder()
+        self.lm_head = model.get_output_embeddings()
+        self.scheduler = Scheduler(slots, max_batched_tokens=max(256, slots), move_slot=self.cache.move_slot)
+        logger.info(
+            "loaded %s on %s (%s) in %.1f s; %d adapters; %d slots x %d tokens (KV %.2f GiB max)",
+            self.resolved.served_id, device, str(dtype).removeprefix("torch."), time.monotonic() - t0,
+            len(self.adapter_specs), slots, self.max_model_len, per_slot * slots / 2**30,
+        )  # fmt: skip
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.load)
+        self._accepting = True
+        self._thread = threading.Thread(target=self._loop, name="llm-serve-engine", daemon=True)
+        self._thread.start()
+        # Warm-up: one real token through the whole path, which is what /ready reports.
+        warm = GenerationRequest(
+            "warmup", self.tokenizer.encode("Hello"), SamplingParams(max_tokens=1, temperature=0)
+        )
+        async for _ in self.generate(warm):
+            pass
+        self._ready = True
+
+    async def shutdown(self, timeout: float = 30.0) -> None:
+        self._accepting = False
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and (self._incoming or self.scheduler.has_work):
+            await asyncio.sleep(0.05)
+        self._stop = True
+        self._wake.set()
+        if self._thread:
+            await asyncio.to_thread(self._thread.join, 10)
+
+    # ------------------------------------------------------------------ interface
+
+    @property
+    def ready(self) -> bool:
+        return self._ready and self._dead is None
+
+    def adapter_names(self) -> list[str]:
+        return list(self._adapter_index)
+
+    def stats(self) -> EngineStats:
+        sched = getattr(self, "scheduler", None)
+        if sched is None:
+            return EngineStats()
+        used = sum(s.total_len for s in sched.running)
+        return EngineStats(
+            waiting=len(sched.waiting) + len(self._incoming),
+            running=len(sched.running),
+            kv_cache_usage=used / (self.cache.slots * self.cache.max_len),
+            extra={"steps": float(self.steps)},
+        )
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+        if self._dead:
+            raise EngineDeadError(self._dead)
+        if not self._accepting:
+            raise EngineDeadError("the engine is shutting down")
+        if len(self.scheduler.waiting) + len(self._incoming) >= self.config.max_queue:
+            raise EngineOverloadedError(f"the request queue is full ({self.config.max_queue} waiting)")
+        if request.adapter is not None and request.adapter not in self._adapter_index:
+            raise KeyError(request.adapter)
+        from serve.engine.sampling import make_generator
+
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[GenerationOutput] = asyncio.Queue()
+        p = request.params
+        seq = Sequence(request, self._adapter_index.get(request.adapter, -1) if request.adapter else -1)
+        seq.state = _SeqState(
+            detok=IncrementalDetokenizer(self.tokenizer, p.stop),
+            generator=make_generator(p.seed, self.device),
+            emit=lambda out: loop.call_soon_threadsafe(queue.put_nowait, out),
+            prompt_logprobs=[None] if p.prompt_logprobs is not None else None,
+        )
+        with self._lock:
+            self._incoming.append(seq)
+        self._wake.set()
+        finished = False
+        try:
+            while True:
+                out = await queue.get()
+                finished = out.finished
+                yield out
+                if finished:
+                    return
+        finally:
+            if not finished:
+                with self._lock:
+                    self._aborts.add(request.request_id)
+                self._wake.set()
+
+    # ------------------------------------------------------------------ the loop (engine thread)
+
+    def _loop(self) -> None:
+        import torch
+
+        try:
+            with torch.inference_mode():
+                while not self._stop:
+                    self._drain()
+                    if not self.scheduler.has_work:
+                        self._wake.wait(0.5)
+                        self._wake.clear()
+                        continue
+                    plan = self.scheduler.schedule()
+                    if not plan.empty:
+                        self._step(plan)
+                        self.steps += 1
+        except Exception as exc:  # the loop must never die silently: fail every request, then report
+            logger.exception("engine loop failed")
+            self._dead = f"engine failure: {type(exc).__name__}"
+            for seq in [*self.scheduler.running, *self.scheduler.waiting, *self._incoming]:
+                self._finish(seq, "error", error=self._dead)
+        finally:
+            for seq in [*self.scheduler.running, *self.scheduler.waiting, *self._incoming]:
+                self._finish(seq, "abort")
+
+    def _drain(self) -> None:
+        with self._lock:
+            incoming, self._incoming = self._incoming, []
+            aborts, self._aborts = self._aborts, set()
+        for seq in incoming:
+            self.scheduler.add(seq)
+        if aborts:
+            for seq in [*self.scheduler.running, *self.scheduler.waiting]:
+                if seq.request.request_id in aborts:
+                    self.scheduler.remove(seq)
+
+    def _step(self, plan: StepPlan) -> None:
+        import torch
+
+        from serve.engine.kv_cache import PrefillSegment, StepLayout, finalize_layout
+        from serve.engine.sampling import RowState, sample
+
+        tokens: list[int] = []
+        positions: list[int] = []
+        adapters: list[int] = []
+        for seq in plan.decode:
+            tokens.append(seq.output_ids[-1])
+            positions.append(seq.num_computed)
+            adapters.append(seq.adapter_index)
+        segments = []
+        for chunk in plan.prefill:
+            offset = len(tokens)
+            tokens += chunk.seq.prompt_ids[chunk.start : chunk.start + chunk.length]
+            positions += range(chunk.start, chunk.start + chunk.length)
+            adapters += [chunk.seq.adapter_index] * chunk.length
+            segments.append(PrefillSegment(chunk.seq.slot, chunk.start, chunk.length, offset))
+        dev = self.device
+        n_dec = len(plan.decode)
+        layout = finalize_layout(
+            StepLayout(
+                cache=self.cache,
+                decode_slots=torch.tensor([s.slot for s in plan.decode], dtype=torch.long, device=dev),
+                decode_positions=torch.tensor(positions[:n_dec], dtype=torch.long, device=dev),
+                decode_max_len=max(positions[:n_dec], default=-1) + 1,
+                prefills=segments,
+            )
+        )
+        self.lora_ctx.set_rows(adapters)
+        hidden = self.decoder(
+            input_ids=torch.tensor([tokens], device=dev),
+            position_ids=torch.tensor([positions], device=dev),
+            use_cache=False,
+            step_layout=layout,
+        ).last_hidden_state[0]
+
+        # Rows that need logits: every decode token, the last token of each completed prompt,
+        # and every prompt token of sequences that asked for prompt logprobs.
+        sample_rows, sample_seqs = list(range(n_dec)), list(plan.decode)
+        for chunk, seg in zip(plan.prefill, segments, strict=True):
+            chunk.seq.num_computed += chunk.length
+            if chunk.seq.request.params.prompt_logprobs is not None:
+                self._prompt_logprobs(chunk, hidden[seg.offset : seg.offset + seg.length])
+            if chunk.completes_prompt:
+                sample_rows.append(seg.offset + seg.length - 1)
+                sample_seqs.append(chunk.seq)
+        for seq in plan.decode:
+            seq.num_computed += 1
+        if not sample_rows:
+            return
+        logits = self.lm_head(hidden[sample_rows])
+        rows = [RowState(s.request.params, s.output_ids, s.state.generator) for s in sample_seqs]
+        chosen, lps = sample(logits, rows)
+        for seq, tok, lp in zip(sample_seqs, chosen, lps, strict=True):
+            self._append(seq, tok, lp)
+
+    def _prompt_logprobs(self, chunk, hidden) -> None:
+        import torch
+
+        from serve.engine.sampling import token_logprob
+
+        seq, k = chunk.seq, chunk.seq.request.params.prompt_logprobs
+        prompt = seq.prompt_ids
+        # Position j predicts token j+1; the last prompt position predicts the first output token.
+        n = min(chunk.length, len(prompt) - 1 - chunk.start)
+        if n <= 0:
+            return
+        logprobs = torch.log_softmax(self.lm_head(hidden[:n]).float(), dim=-1)
+        for i in range(n):
+            seq.state.prompt_logprobs.append(token_logprob(logprobs[i], prompt[chunk.start + i + 1], k))
+
+    def _append(self, seq: Sequence, token: int, lp: TokenLogprob | None) -> None:
+        p = seq.request.params
+        st: _SeqState = seq.state
+        seq.output_ids.append(token)
+        finish = None
+        is_eos = not p.ignore_eos and token in p.stop_token_ids
+        text = "" if is_eos else st.detok.add(token)
+        if is_eos or st.detok.stopped:
+            finish = "stop"
+        elif len(seq.output_ids) >= p.max_tokens or seq.total_len >= self.max_model_len:
+            finish = "length"
+        if finish:
+            text += st.detok.flush() if finish == "length" else ""
+        # An EOS token adds no text but stays in token_ids/logprobs, as in vLLM: scoring clients
+        # count one generated token after the echoed prompt.
+        out = GenerationOutput(
+            request_id=seq.request.request_id,
+            token_ids=[token],
+            text=text,
+            logprobs=[lp] if lp is not None else None,
+            finish_reason=finish,
+            num_prompt_tokens=len(seq.prompt_ids),
+            num_generated_tokens=len(seq.output_ids),
+        )
+        if st.prompt_logprobs is not None and not st.sent_prompt_logprobs:
+            out.prompt_logprobs = st.prompt_logprobs
+            st.sent_prompt_logprobs = True
+        st.emit(out)
+        if finish:
+            self.scheduler.remove(seq)
+
+    def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
+        if seq.finished or seq.state is None:
+            return
+        seq.finished = True
+        seq.state.emit(
+            GenerationOutput(
+                request_id=seq.request.request_id,
+                finish_reason=reason,
+                error=error,
+                num_prompt_tokens=len(seq.prompt_ids),
+                num_generated_tokens=len(seq.output_ids),
+            )
+        )

@@ -1,0 +1,129 @@
+"""Slot KV cache and the attention function that reads and writes it.
+
+Every admitted sequence owns one slot of a preallocated cache `[slots, kv_heads, max_len, head_dim]`
+per layer. A model step runs one packed row of tokens `[1, T]`: first one decode token for each
+decoding sequence, then prefill chunks. `slot_attention` is registered as a transformers attention
+implementation; it writes the new keys/values into the slots and attends over each sequence's own
+prefix, so sequences of any length share one forward pass (continuous batching) without padding.
+Memory is bounded by construction (`torch.empty` commits pages only as they are written).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+ATTN_IMPLEMENTATION = "llm_serve_slots"
+
+
+@dataclass
+class PrefillSegment:
+    slot: int
+    start: int  # position of the first token of this chunk in its sequence
+    length: int
+    offset: int  # index of the chunk's first token in the packed row
+
+
+@dataclass
+class StepLayout:
+    """Where each packed token goes; built once per step and shared by all layers."""
+
+    cache: SlotKVCache
+    decode_slots: torch.Tensor  # [B] long
+    decode_positions: torch.Tensor  # [B] long, position of each decode token
+    decode_max_len: int  # longest attended prefix among decode rows (position + 1)
+    prefills: list[PrefillSegment] = field(default_factory=list)
+    decode_mask: torch.Tensor | None = None  # [B, 1, 1, decode_max_len] bool
+    decode_is_prefix: bool = False  # decode slots are exactly 0..B-1: read the cache as a view
+
+    @property
+    def num_decode(self) -> int:
+        return int(self.decode_slots.numel())
+
+
+class SlotKVCache:
+    def __init__(
+        self, num_layers: int, slots: int, kv_heads: int, max_len: int, head_dim: int, dtype, device
+    ):
+        shape = (slots, kv_heads, max_len, head_dim)
+        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.slots, self.max_len = slots, max_len
+
+    @staticmethod
+    def bytes_needed(num_layers, slots, kv_heads, max_len, head_dim, dtype) -> int:
+        return (
+            2
+            * num_layers
+            * slots
+            * kv_heads
+            * max_len
+            * head_dim
+            * torch.tensor([], dtype=dtype).element_size()
+        )
+
+    def move_slot(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` positions of slot `src` into `dst` (slot compaction)."""
+        for k, v in zip(self.keys, self.values, strict=True):
+            k[dst, :, :length] = k[src, :, :length]
+            v[dst, :, :length] = v[src, :, :length]
+
+
+def slot_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention over slot-cached prefixes; `query/key/value` are `[1, heads, T, head_dim]`."""
+    layout: StepLayout = kwargs["step_layout"]
+    layer = module.layer_idx
+    kc, vc = layout.cache.keys[layer], layout.cache.values[layer]
+    n_dec = layout.num_decode
+    out = query.new_empty(query.shape[2], query.shape[1], query.shape[3])  # [T, heads, d]
+
+    if n_dec:
+        slots, pos = layout.decode_slots, layout.decode_positions
+        kc[slots, :, pos] = key[0, :, :n_dec].transpose(0, 1)
+        vc[slots, :, pos] = value[0, :, :n_dec].transpose(0, 1)
+        length = layout.decode_max_len
+        k = kc[:n_dec, :, :length] if layout.decode_is_prefix else kc[slots, :, :length]
+        v = vc[:n_dec, :, :length] if layout.decode_is_prefix else vc[slots, :, :length]
+        q = query[0, :, :n_dec].transpose(0, 1).unsqueeze(2)  # [B, heads, 1, d]
+        o = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=layout.decode_mask, scale=scaling, enable_gqa=True
+        )
+        out[:n_dec] = o.squeeze(2)
+
+    for seg in layout.prefills:
+        a, b = seg.offset, seg.offset + seg.length
+        end = seg.start + seg.length
+        kc[seg.slot, :, seg.start : end] = key[0, :, a:b]
+        vc[seg.slot, :, seg.start : end] = value[0, :, a:b]
+        q = query[:, :, a:b]
+        k = kc[seg.slot : seg.slot + 1, :, :end]
+        v = vc[seg.slot : seg.slot + 1, :, :end]
+        if seg.start == 0:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=True)
+        else:
+            rows = torch.arange(seg.length, device=q.device).unsqueeze(1) + seg.start
+            mask = torch.arange(end, device=q.device).unsqueeze(0) <= rows
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
+        out[a:b] = o[0].transpose(0, 1)
+
+    return out.unsqueeze(0), None
+
+
+def finalize_layout(layout: StepLayout) -> StepLayout:
+    """Precompute the decode mask and whether decode slots are exactly 0..B-1 (a view, no gather)."""
+    n = layout.num_decode
+    if n:
+        arange = torch.arange(layout.decode_max_len, device=layout.decode_positions.device)
+        layout.decode_mask = (arange.unsqueeze(0) <= layout.decode_positions.unsqueeze(1)).view(n, 1, 1, -1)
+        layout.decode_is_prefix = bool(
+            torch.equal(layout.decode_slots, torch.arange(n, device=layout.decode_slots.device))
+        )
+    return layout
+
+
+def register_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, slot_attention)

@@ -1,0 +1,83 @@
+"""Per-row sampling for a batch of sequences with different parameters.
+
+Penalties follow OpenAI's definition (subtract `frequency * count + presence * [count > 0]` over the
+tokens generated so far); temperature 0 is greedy; top-p keeps the smallest set of tokens whose
+probability reaches p; a seed gives each request its own generator, so its samples do not depend on
+what else is in the batch. Log-probabilities are those of the model's distribution (before
+penalties and temperature), which is what scoring clients such as lm-eval expect.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from serve.engine.types import SamplingParams, TokenLogprob
+
+
+@dataclass
+class RowState:
+    params: SamplingParams
+    output_ids: list[int]
+    generator: torch.Generator | None
+
+
+def make_generator(seed: int | None, device) -> torch.Generator | None:
+    if seed is None:
+        return None
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g
+
+
+def sample(logits: torch.Tensor, rows: list[RowState]) -> tuple[list[int], list[TokenLogprob | None]]:
+    """`logits` is `[B, V]` float; returns chosen ids and, for rows that asked, their logprobs."""
+    logits = logits.float()
+    want_lp = [r.params.logprobs is not None for r in rows]
+    logprobs = torch.log_softmax(logits, dim=-1) if any(want_lp) else None
+
+    processed = logits
+    for i, r in enumerate(rows):
+        p = r.params
+        if r.output_ids and (p.presence_penalty or p.frequency_penalty):
+            if processed is logits:
+                processed = logits.clone()
+            ids = torch.tensor(r.output_ids, device=logits.device)
+            counts = torch.bincount(ids, minlength=logits.shape[-1]).to(logits.dtype)
+            processed[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+
+    chosen = torch.argmax(processed, dim=-1).tolist()
+    for i, r in enumerate(rows):
+        if not r.params.greedy:
+            chosen[i] = _sample_row(processed[i], r.params, r.generator)
+
+    lps: list[TokenLogprob | None] = []
+    for i, r in enumerate(rows):
+        if logprobs is None or r.params.logprobs is None:
+            lps.append(None)
+            continue
+        lps.append(token_logprob(logprobs[i], chosen[i], r.params.logprobs))
+    return chosen, lps
+
+
+def token_logprob(row_logprobs: torch.Tensor, token_id: int, top_k: int) -> TokenLogprob:
+    top: list[tuple[int, float]] = []
+    if top_k > 0:
+        vals, idx = torch.topk(row_logprobs, top_k)
+        top = list(zip(idx.tolist(), vals.tolist(), strict=True))
+    return TokenLogprob(token_id=int(token_id), logprob=float(row_logprobs[token_id]), top=top)
+
+
+def _sample_row(row: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> int:
+    scaled = row / p.temperature
+    if p.top_p < 1.0:
+        sorted_logits, sorted_idx = torch.sort(scaled, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        cum = torch.cumsum(probs, dim=-1)
+        keep = (cum - probs) < p.top_p  # always keeps the top token
+        probs = probs * keep
+        choice = torch.multinomial(probs / probs.sum(), 1, generator=generator)
+        return int(sorted_idx[choice])
+    probs = torch.softmax(scaled, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))

@@ -1,0 +1,1 @@
+"""The HTTP layer: an app factory and one router per endpoint family; no model loading here."""

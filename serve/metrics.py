@@ -1,0 +1,48 @@
+"""Prometheus metrics for /metrics: requests, tokens, latencies and engine load, per model/adapter."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 80, 160)
+
+
+class Metrics:
+    def __init__(self, engine):
+        self.engine = engine
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter(
+            "llm_serve_requests",
+            "Requests by endpoint, model and status code.",
+            ["endpoint", "model", "status"],
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "llm_serve_prompt_tokens", "Prompt tokens processed.", ["model"], registry=r
+        )
+        self.generation_tokens = Counter(
+            "llm_serve_generation_tokens", "Tokens generated.", ["model"], registry=r
+        )
+        self.latency = Histogram(
+            "llm_serve_request_latency_seconds", "End-to-end request latency.", ["endpoint", "model"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.ttft = Histogram(
+            "llm_serve_time_to_first_token_seconds",
+            "Time to first token.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.waiting = Gauge("llm_serve_queue_depth", "Requests waiting for a batch slot.", registry=r)
+        self.running = Gauge("llm_serve_running_requests", "Sequences in the running batch.", registry=r)
+        self.kv_usage = Gauge(
+            "llm_serve_kv_cache_usage_ratio", "Fraction of the KV cache in use.", registry=r
+        )
+
+    def render(self) -> bytes:
+        stats = self.engine.stats()
+        self.waiting.set(stats.waiting)
+        self.running.set(stats.running)
+        self.kv_usage.set(stats.kv_cache_usage)
+        return generate_latest(self.registry)

@@ -1,0 +1,116 @@
+"""What the server offers: the base model and its adapters by id, each with its chat template and EOS ids.
+
+The HTTP layer asks this registry to turn a request's `model` into an engine adapter name and to
+render chat messages with the template that model was trained with, so an adapter trained with a
+different template than the base is still prompted correctly and stops on its own end-of-turn token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from serve.adapters import AdapterSpec
+from serve.errors import BadRequestError, NotFoundError
+
+
+@dataclass
+class ServedModel:
+    id: str
+    adapter: str | None  # engine adapter name; None for the base
+    root: str
+    parent: str | None
+    chat_template: str | None
+    eos_token_ids: list[int] = field(default_factory=list)
+
+
+class ServedModels:
+    def __init__(self, base_id: str, base_root: str, adapters: list[AdapterSpec], tokenizer):
+        self.tokenizer = tokenizer
+        base_eos = base_eos_ids(tokenizer)
+        self.base = ServedModel(
+            base_id, None, base_root, None, getattr(tokenizer, "chat_template", None), base_eos
+        )
+        self._by_id: dict[str, ServedModel] = {base_id: self.base}
+        for spec in adapters:
+            eos = list(base_eos)
+            for tid in _template_eos_ids(spec, tokenizer):
+                if tid not in eos:
+                    eos.append(tid)
+            self._by_id[spec.name] = ServedModel(
+                spec.name,
+                spec.name,
+                str(spec.path),
+                base_id,
+                spec.chat_template or self.base.chat_template,
+                eos,
+            )
+
+    def all(self) -> list[ServedModel]:
+        return list(self._by_id.values())
+
+    def get(self, model_id: str | None) -> ServedModel:
+        if not model_id:
+            return self.base
+        try:
+            return self._by_id[model_id]
+        except KeyError:
+            raise NotFoundError(
+                f"The model `{model_id}` does not exist. Available models: {', '.join(self._by_id)}",
+                param="model",
+            ) from None
+
+    def render_chat(self, model: ServedModel, messages: list[dict]) -> list[int]:
+        """Apply `model`'s chat template with a generation prompt and tokenize the result."""
+        if not model.chat_template:
+            raise BadRequestError(
+                f"model `{model.id}` has no chat template; use /v1/completions with a plain prompt",
+                param="messages",
+            )
+        try:
+            text = self.tokenizer.apply_chat_template(
+                messages, chat_template=model.chat_template, add_generation_prompt=True, tokenize=False
+            )
+        except Exception as exc:  # jinja raises TemplateError (e.g. "roles must alternate")
+            raise BadRequestError(
+                f"the chat template rejected the messages: {exc}", param="messages"
+            ) from exc
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "</s>")
+
+
+def base_eos_ids(tokenizer) -> list[int]:
+    """EOS id of the tokenizer plus the end-of-turn tokens its template uses."""
+    ids = [int(tokenizer.eos_token_id)] if tokenizer.eos_token_id is not None else []
+    return _add_token_ids(ids, tokenizer, _end_of_turn_tokens(getattr(tokenizer, "chat_template", None)))
+
+
+def _end_of_turn_tokens(template: str | None) -> list[str]:
+    return [tok for tok in END_OF_TURN_TOKENS if template and tok in template]
+
+
+def _add_token_ids(ids: list[int], tokenizer, tokens: list[str]) -> list[int]:
+    for tok in tokens:
+        tid = tokenizer.convert_tokens_to_ids(tok)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid not in ids:
+            ids.append(tid)
+    return ids
+
+
+def _template_eos_ids(spec: AdapterSpec, tokenizer) -> list[int]:
+    """The adapter's own EOS (from the tokenizer config it was trained with) and its template's."""
+    import json
+
+    tokens = []
+    cfg = spec.path / "tokenizer_config.json"
+    if cfg.is_file():
+        try:
+            eos = json.loads(cfg.read_text()).get("eos_token")
+        except json.JSONDecodeError:
+            eos = None
+        if isinstance(eos, dict):
+            eos = eos.get("content")
+        if isinstance(eos, str):
+            tokens.append(eos)
+    return _add_token_ids([], tokenizer, tokens + _end_of_turn_tokens(spec.chat_template))

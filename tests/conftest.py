@@ -1,0 +1,40 @@
+"""Shared fixtures: the real default model, a tiny random Llama with the real tokenizer, offline env."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data" / "llamafactory-demo"
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """The embedded default model (SmolLM2-135M-Instruct, float32), bootstrapped once."""
+    from serve.models import resolve_model
+
+    return resolve_model("default")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, default_model) -> Path:
+    """A randomly initialised 2-layer Llama with the default model's real tokenizer (fast tests)."""
+    from tests.helpers.models import make_tiny_llama
+
+    return make_tiny_llama(default_model.path, tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def shared_demo_data() -> Path:
+    """LLaMA-Factory's demo datasets, present beside the repository in CI."""
+    if not (SHARED_DATA / "dataset_info.json").is_file():
+        pytest.skip(f"LLaMA-Factory demo data not found at {SHARED_DATA}")
+    return SHARED_DATA
