@@ -1,0 +1,296 @@
+"""The vLLM engine: `llm-serve --engine vllm`, same interface and HTTP behaviour as the HF engine.
+
+Runs only in `./.venv-vllm` (`make vllm-env`): vLLM needs newer transformers than LLaMA-Factory, so it
+has its own environment. Our HTTP layer, auth, errors, metrics and adapter registry stay on top; this
+module only turns token ids into token ids with vLLM's `AsyncLLM`:
+- prompts arrive as token ids (the HTTP layer renders chat templates with `engine.tokenizer`) and go in
+  as `TokensPrompt`s, so both engines see exactly the same tokens;
+- every adapter is a `LoRARequest`, loaded at start-up (`enable_lora`, `max_loras`, `max_lora_rank`
+  derived from the adapters, vLLM-incompatible ones refused before any weights load);
+- vLLM's cumulative outputs become incremental `GenerationOutput`s (`vllm_outputs.py`); closing the
+  iterator aborts the request in vLLM.
+vLLM's engine core runs in a spawned process, which re-imports the main module: whatever starts this
+engine must do so under `if __name__ == "__main__":` (console scripts do). vLLM is imported only
+inside methods, so this module imports (and its pure parts are tested) without vLLM installed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from serve.adapters import AdapterSpec
+from serve.config import ServeConfig
+from serve.engine.base import Engine, EngineStats
+from serve.engine.types import (
+    EngineDeadError,
+    EngineOverloadedError,
+    GenerationOutput,
+    GenerationRequest,
+    SamplingParams,
+)
+from serve.engine.vllm_lora import check_vllm_adapter, lora_settings
+from serve.engine.vllm_outputs import OutputTracker
+
+logger = logging.getLogger(__name__)
+
+#: Context cap when --max-model-len is not given (same as the HF engine).
+DEFAULT_MAX_MODEL_LEN = 4096
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except ImportError:
+        return False
+
+
+def read_model_config(model_dir: Path) -> dict:
+    path = Path(model_dir) / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read {path}: {exc}") from exc
+
+
+def resolve_max_model_len(config: ServeConfig, model_cfg: dict) -> int:
+    limit = int(model_cfg.get("max_position_embeddings") or DEFAULT_MAX_MODEL_LEN)
+    if config.max_model_len is None:
+        return min(limit, DEFAULT_MAX_MODEL_LEN)
+    if config.max_model_len > limit:
+        raise ValueError(
+            f"--max-model-len {config.max_model_len} is longer than the model's context ({limit} tokens, "
+            "max_position_embeddings in config.json); give at most that"
+        )
+    return config.max_model_len
+
+
+def kv_cache_bytes(config: ServeConfig, model_cfg: dict, max_model_len: int, dtype_bytes: int) -> int:
+    """KV budget: --kv-cache-memory-gb, else room for max_num_seqs full-length sequences (+10%)."""
+    if config.kv_cache_memory_gb is not None:
+        return int(config.kv_cache_memory_gb * 2**30)
+    layers = int(model_cfg.get("num_hidden_layers", 1))
+    heads = int(model_cfg.get("num_attention_heads", 1))
+    kv_heads = int(model_cfg.get("num_key_value_heads") or heads)
+    head_dim = int(model_cfg.get("head_dim") or int(model_cfg.get("hidden_size", heads)) // heads)
+    per_token = 2 * layers * kv_heads * head_dim * dtype_bytes
+    return max(64 * 2**20, int(per_token * max_model_len * config.max_num_seqs * 1.1))
+
+
+def build_engine_kwargs(
+    config: ServeConfig, model_path: Path, adapters: list[AdapterSpec], *, on_gpu: bool
+) -> dict:
+    """`AsyncEngineArgs` keyword arguments for this config; pure, so it is tested without vLLM."""
+    model_cfg = read_model_config(model_path)
+    max_len = resolve_max_model_len(config, model_cfg)
+    dtype = config.dtype
+    if dtype == "auto" and not on_gpu:
+        dtype = "float32"  # the CPU computes fp32 natively; bf16 is emulated and slower
+    kwargs = {
+        "model": str(model_path),
+        "tokenizer": str(model_path),
+        "dtype": dtype,
+        "max_model_len": max_len,
+        "max_num_seqs": config.max_num_seqs,
+        "tensor_parallel_size": config.tensor_parallel_size,
+        "pipeline_parallel_size": config.pipeline_parallel_size,
+        "enforce_eager": config.enforce_eager,
+        "seed": 0,
+        "disable_log_stats": True,  # our own stat sink below; vLLM's console logger stays quiet
+        "enable_log_requests": False,
+        **lora_settings(adapters).engine_kwargs(),
+    }
+    if on_gpu:
+        kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
+        if config.kv_cache_memory_gb is not None:
+            kwargs["kv_cache_memory_bytes"] = int(config.kv_cache_memory_gb * 2**30)
+    else:
+        dtype_bytes = 4 if dtype == "float32" else 2
+        kwargs["kv_cache_memory_bytes"] = kv_cache_bytes(config, model_cfg, max_len, dtype_bytes)
+    return kwargs
+
+
+def to_vllm_sampling_params(params: SamplingParams, *, cumulative: bool = True):
+    from vllm import SamplingParams as VllmSamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    return VllmSamplingParams(
+        n=1,
+        max_tokens=params.max_tokens,
+        temperature=0.0 if params.greedy else params.temperature,
+        top_p=params.top_p,
+        seed=params.seed,
+        stop=list(params.stop) or None,
+        stop_token_ids=list(params.stop_token_ids) or None,
+        presence_penalty=params.presence_penalty,
+        frequency_penalty=params.frequency_penalty,
+        logprobs=params.logprobs,
+        prompt_logprobs=params.prompt_logprobs,
+        ignore_eos=params.ignore_eos,
+        skip_special_tokens=True,
+        output_kind=RequestOutputKind.CUMULATIVE if cumulative else RequestOutputKind.DELTA,
+    )
+
+
+class VLLMEngine(Engine):
+    """`Engine` on vLLM's `AsyncLLM`; built by `serve.engine.factory.create_engine` for --engine vllm."""
+
+    def __init__(self, config: ServeConfig, model, adapters: list[AdapterSpec]):
+        """`model` is a `serve.models.ResolvedModel`. Cheap checks only; `start()` loads the weights."""
+        self.config = config
+        self.model = model
+        self.adapters = list(adapters)
+        self.on_gpu = cuda_available()
+        model_cfg = read_model_config(Path(model.path))
+        vocab = int(model_cfg.get("vocab_size") or 0)
+        for spec in self.adapters:
+            check_vllm_adapter(spec, vocab)
+        self.engine_kwargs = build_engine_kwargs(config, Path(model.path), self.adapters, on_gpu=self.on_gpu)
+        self.max_model_len = int(self.engine_kwargs["max_model_len"])
+        self.max_inflight = config.max_num_seqs + config.max_queue
+        self._lora_requests: dict = {}
+        self._llm = None
+        self._stats = EngineStats()
+        self._inflight: dict[str, GenerationRequest] = {}
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._accepting = False
+        self._ready = False
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model.path))
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    async def start(self) -> None:
+        from vllm import AsyncEngineArgs
+        from vllm.lora.request import LoRARequest
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+        logger.info("starting vLLM: %s", {k: v for k, v in self.engine_kwargs.items() if k != "tokenizer"})
+        args = AsyncEngineArgs(**self.engine_kwargs)
+        self._llm = AsyncLLM.from_engine_args(args, stat_loggers=[_stat_sink_factory(self._stats)])
+        for int_id, spec in enumerate(self.adapters, start=1):
+            req = LoRARequest(lora_name=spec.name, lora_int_id=int_id, lora_path=str(spec.path))
+            if not await self._llm.add_lora(req):
+                raise RuntimeError(f"vLLM could not load adapter {spec.name!r} from {spec.path}")
+            self._lora_requests[spec.name] = req
+        self.max_model_len = int(self._llm.model_config.max_model_len)
+        self._accepting = True
+        await self._warm_up()
+
+    async def _warm_up(self) -> None:
+        ids = self.tokenizer.encode("Hello") or [0]
+        request = GenerationRequest("warmup", list(ids), SamplingParams(max_tokens=1, temperature=0.0))
+        async for _ in self.generate(request):
+            pass
+        self._ready = True
+
+    async def shutdown(self, timeout: float = 30.0) -> None:
+        self._accepting = False
+        if self._llm is None:
+            return
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except asyncio.TimeoutError:
+            logger.warning("aborting %d requests still running after %.0f s", len(self._inflight), timeout)
+            await self._llm.abort(list(self._inflight))
+        llm, self._llm = self._llm, None
+        llm.shutdown()
+
+    # -- generation --------------------------------------------------------------------------------
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+        from vllm.inputs import TokensPrompt
+        from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDeadError
+
+        if self._llm is None or not self._accepting:
+            raise EngineDeadError("the vLLM engine is not running (starting up or shutting down)")
+        if self._llm.errored:
+            raise EngineDeadError(f"the vLLM engine stopped: {self._llm.dead_error}")
+        if len(self._inflight) >= self.max_inflight:
+            raise EngineOverloadedError(
+                f"{len(self._inflight)} requests are running or queued (max_num_seqs + max_queue = "
+                f"{self.max_inflight}); retry later"
+            )
+        lora = None
+        if request.adapter is not None:
+            lora = self._lora_requests.get(request.adapter)
+            if lora is None:
+                raise KeyError(f"unknown adapter {request.adapter!r}; served: {self.adapter_names()}")
+        params = request.params
+        tracker = OutputTracker(
+            request.request_id,
+            request.prompt_token_ids,
+            cumulative=True,
+            logprobs=params.logprobs,
+            prompt_logprobs=params.prompt_logprobs,
+        )
+        stream = self._llm.generate(
+            TokensPrompt(prompt_token_ids=list(request.prompt_token_ids)),
+            to_vllm_sampling_params(params, cumulative=True),
+            request.request_id,
+            lora_request=lora,
+        )
+        self._inflight[request.request_id] = request
+        self._idle.clear()
+        try:
+            async for out in stream:
+                update = tracker.update(out.outputs[0], out.prompt_logprobs)
+                if update.token_ids or update.text or update.finished or update.prompt_logprobs:
+                    yield update
+                if tracker.finished:
+                    return
+            if not tracker.finished:
+                yield tracker.aborted()
+        except VllmEngineDeadError as exc:
+            raise EngineDeadError(f"the vLLM engine stopped: {exc}") from exc
+        finally:
+            self._inflight.pop(request.request_id, None)
+            if not self._inflight:
+                self._idle.set()
+            # Closing vLLM's generator aborts the request there when it has not finished.
+            await stream.aclose()
+
+    # -- introspection -----------------------------------------------------------------------------
+    def adapter_names(self) -> list[str]:
+        return [a.name for a in self.adapters]
+
+    def stats(self) -> EngineStats:
+        s = self._stats
+        return EngineStats(
+            waiting=s.waiting,
+            running=s.running,
+            kv_cache_usage=s.kv_cache_usage,
+            extra={"inflight": float(len(self._inflight))},
+        )
+
+    @property
+    def ready(self) -> bool:
+        return self._ready and self._llm is not None and not self._llm.errored
+
+
+def _stat_sink_factory(target: EngineStats):
+    """A vLLM per-engine stat logger that copies scheduler figures into `target` (for /metrics)."""
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class _StatSink(StatLoggerBase):
+        def __init__(self, vllm_config, engine_index: int = 0):
+            self.engine_index = engine_index
+
+        def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
+            if scheduler_stats is None:
+                return
+            target.running = int(scheduler_stats.num_running_reqs)
+            target.waiting = int(scheduler_stats.num_waiting_reqs)
+            target.kv_cache_usage = float(scheduler_stats.kv_cache_usage)
+
+        def log_engine_initialized(self):
+            pass
+
+    return _StatSink
