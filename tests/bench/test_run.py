@@ -1,0 +1,67 @@
+"""`make bench` end to end with fake servers standing in for ours and llamafactory (quick mode)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from serve.bench import peers, run
+
+FAKE = Path(__file__).with_name("fake_openai_server.py")
+
+
+def _fake(name: str, delay: str, adapters: tuple[str, ...]) -> peers.ServerSpec:
+    port = peers.free_port()
+    cmd = [sys.executable, str(FAKE), "--port", str(port), "--token-delay", delay]
+    for a in adapters:
+        cmd += ["--adapter", a]
+    return peers.ServerSpec(name=name, cmd=cmd, port=port, ready_path="/ready", adapters=adapters,
+                            base_model=None if adapters else "base")  # fmt: skip
+
+
+def test_bench_writes_json_ratios_and_table(tmp_path, monkeypatch, capsys):
+    adapters = []
+    for name in ("a0", "a1"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_config.json").write_text("{}")
+        adapters += ["--adapter", f"{name}={tmp_path / name}"]
+    monkeypatch.setattr(peers, "ours_spec", lambda model, ads, seqs, **kw: _fake("ours", "0.001", tuple(ads)))
+    monkeypatch.setattr(peers, "llamafactory_spec", lambda *a: _fake("llamafactory", "0.004", ()))
+    monkeypatch.setattr(peers, "vllm_venv_ready", lambda *a: False)
+    out = tmp_path / "bench"
+    argv = ["--quick", "--targets", "ours,llamafactory,vllm-cpu", "--out-dir", str(out), *adapters,
+            "--output-len", "8", "--prompt-len", "32", "--single-prompt-len", "16",
+            "--memory-prompt-len", "16", "--memory-output-len", "4", "--llamafactory-max-requests", "3"]  # fmt: skip
+    assert run.main(argv) == 0
+
+    (written,) = out.glob("*.json")
+    data = json.loads(written.read_text())
+    ours, lf = data["targets"]["ours"], data["targets"]["llamafactory"]
+    assert ours["status"] == "ok" and lf["status"] == "ok"
+    assert data["targets"]["vllm-cpu"]["status"] == "skipped"
+    assert set(ours["scenarios"]) == {"single", "c8", "c16", "c16_adapters", "memory"}
+    assert set(lf["scenarios"]) == {"single", "c8", "c16"}  # one adapter, base scenarios only
+    assert ours["scenarios"]["c16"]["completed"] == 16 and ours["scenarios"]["c16"]["concurrency"] == 16
+    assert lf["scenarios"]["c16"]["requests_sent"] == 3  # capped: it serves one request at a time
+    assert ours["scenarios"]["c16_adapters"]["models"] == ["a0", "a1"]
+    assert ours["scenarios"]["memory"]["requests_sent"] == 100
+    assert ours["scenarios"]["memory"]["memory"]["grows"] is False
+    assert ours["scenarios"]["single"]["peak_rss_mb"] > 10
+    assert data["ratios"]["llamafactory"]["c16"] > 1  # the fake "ours" streams 4x faster
+    assert {c["target"] for c in data["checks"]} >= {
+        "one stream output tok/s",
+        "16 streams: ours / llamafactory",
+    }
+    printed = capsys.readouterr().out
+    assert "ours / peer" in printed and f"wrote {written}" in printed
+
+
+def test_bad_settings_fail_before_anything_starts(tmp_path, capsys):
+    assert run.main(["--targets", "ours,tgi", "--out-dir", str(tmp_path)]) == 1
+    assert "unknown ['tgi']" in capsys.readouterr().err
+    assert run.main(["--adapter", f"x={tmp_path}", "--out-dir", str(tmp_path)]) == 1
+    assert "has no adapter_config.json" in capsys.readouterr().err
+    assert run.main(["--rounds", "0"]) == 2
+    assert "rounds" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.json"))
