@@ -60,15 +60,15 @@ def read_model_config(model_dir: Path) -> dict:
 
 
 def resolve_max_model_len(config: ServeConfig, model_cfg: dict) -> int:
+    """--max-model-len, else the model's context capped at 4096; never beyond the model's (as the HF engine)."""
     limit = int(model_cfg.get("max_position_embeddings") or DEFAULT_MAX_MODEL_LEN)
     if config.max_model_len is None:
         return min(limit, DEFAULT_MAX_MODEL_LEN)
     if config.max_model_len > limit:
-        raise ValueError(
-            f"--max-model-len {config.max_model_len} is longer than the model's context ({limit} tokens, "
-            "max_position_embeddings in config.json); give at most that"
+        logger.warning(
+            "--max-model-len %d is beyond the model's %d tokens; using %d", config.max_model_len, limit, limit
         )
-    return config.max_model_len
+    return min(config.max_model_len, limit)
 
 
 def kv_cache_bytes(config: ServeConfig, model_cfg: dict, max_model_len: int, dtype_bytes: int) -> int:
@@ -206,6 +206,7 @@ class VLLMEngine(Engine):
 
     # -- generation --------------------------------------------------------------------------------
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+        from vllm.exceptions import VLLMClientError
         from vllm.inputs import TokensPrompt
         from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDeadError
 
@@ -250,6 +251,14 @@ class VLLMEngine(Engine):
                 yield tracker.aborted()
         except VllmEngineDeadError as exc:
             raise EngineDeadError(f"the vLLM engine stopped: {exc}") from exc
+        except VLLMClientError as exc:
+            # vLLM refused the request itself (validation); the HTTP layer checks the same limits first.
+            raise ValueError(str(exc)) from exc
+        except Exception as exc:
+            if tracker.num_tokens == 0 and not tracker.finished:
+                raise
+            logger.exception("vLLM request %s failed mid-stream", request.request_id)
+            yield tracker.aborted("error", f"{type(exc).__name__}: {exc}")
         finally:
             self._inflight.pop(request.request_id, None)
             if not self._inflight:
@@ -262,11 +271,12 @@ class VLLMEngine(Engine):
         return [a.name for a in self.adapters]
 
     def stats(self) -> EngineStats:
-        s = self._stats
+        # vLLM reports scheduler figures only while requests produce output: idle means zero.
+        s, busy = self._stats, bool(self._inflight)
         return EngineStats(
-            waiting=s.waiting,
-            running=s.running,
-            kv_cache_usage=s.kv_cache_usage,
+            waiting=s.waiting if busy else 0,
+            running=s.running if busy else 0,
+            kv_cache_usage=s.kv_cache_usage if busy else 0.0,
             extra={"inflight": float(len(self._inflight))},
         )
 
