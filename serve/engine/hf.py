@@ -259,8 +259,11 @@ class HFEngine(Engine):
             positions += range(chunk.start, chunk.start + chunk.length)
             adapters += [chunk.seq.adapter_index] * chunk.length
             segments.append(PrefillSegment(chunk.seq.slot, chunk.start, chunk.length, offset))
+            self.cache.mark_written(chunk.seq.slot, chunk.start + chunk.length)
         dev = self.device
         n_dec = len(plan.decode)
+        if n_dec:
+            self.cache.ensure_initialized([s.slot for s in plan.decode], max(positions[:n_dec]) + 1)
         layout = finalize_layout(
             StepLayout(
                 cache=self.cache,

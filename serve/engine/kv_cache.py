@@ -5,7 +5,7 @@ per layer. A model step runs one packed row of tokens `[1, T]`: first one decode
 decoding sequence, then prefill chunks. `slot_attention` is registered as a transformers attention
 implementation; it writes the new keys/values into the slots and attends over each sequence's own
 prefix, so sequences of any length share one forward pass (continuous batching) without padding.
-Memory is bounded by construction (`torch.empty` commits pages only as they are written).
+Memory is bounded by construction, and `torch.empty` commits pages only as they are first used.
 """
 
 from __future__ import annotations
@@ -51,6 +51,23 @@ class SlotKVCache:
         self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.slots, self.max_len = slots, max_len
+        # Positions below this mark hold finite values in every layer. Decode rows attend over the
+        # longest row's length, so shorter rows read past their own end (masked out); never-written
+        # memory may hold NaN bit patterns, which a mask does not neutralise (NaN * 0 = NaN).
+        self.initialized = [0] * slots
+
+    def mark_written(self, slot: int, end: int) -> None:
+        """Prefill wrote positions [0, end) of `slot`."""
+        self.initialized[slot] = max(self.initialized[slot], end)
+
+    def ensure_initialized(self, slots: list[int], length: int) -> None:
+        for slot in slots:
+            start = self.initialized[slot]
+            if start < length:
+                for k, v in zip(self.keys, self.values, strict=True):
+                    k[slot, :, start:length].zero_()
+                    v[slot, :, start:length].zero_()
+                self.initialized[slot] = length
 
     @staticmethod
     def bytes_needed(num_layers, slots, kv_heads, max_len, head_dim, dtype) -> int:
@@ -69,6 +86,7 @@ class SlotKVCache:
         for k, v in zip(self.keys, self.values, strict=True):
             k[dst, :, :length] = k[src, :, :length]
             v[dst, :, :length] = v[src, :, :length]
+        self.initialized[dst] = max(self.initialized[dst], length)
 
 
 def slot_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):

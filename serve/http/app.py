@@ -86,8 +86,8 @@ def _require_api_key(key: str | None):
 
 def _install_error_handlers(app: FastAPI, ctx: AppContext) -> None:
     def respond(request: Request, exc: APIError) -> JSONResponse:
-        endpoint = request.url.path.rsplit("/", 1)[-1] or "/"
-        ctx.metrics.requests.labels(endpoint, "-", str(exc.status_code)).inc()
+        route = getattr(request.scope.get("route"), "path", "unmatched")  # bounded label values
+        ctx.metrics.requests.labels(route, "-", str(exc.status_code)).inc()
         return JSONResponse(exc.body(), status_code=exc.status_code)
 
     @app.exception_handler(APIError)

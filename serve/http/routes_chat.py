@@ -73,7 +73,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         completion = sum(outs[-1].num_generated_tokens for outs in outs_per_choice if outs)
         ctx.metrics.prompt_tokens.labels(model.id).inc(len(prompt_ids))
         ctx.metrics.generation_tokens.labels(model.id).inc(completion)
-        ctx.metrics.latency.labels("chat", model.id).observe(time.monotonic() - started)
+        ctx.metrics.latency.labels("/v1/chat/completions", model.id).observe(time.monotonic() - started)
+        ctx.metrics.requests.labels("/v1/chat/completions", model.id, "200").inc()
         return Usage(
             prompt_tokens=len(prompt_ids),
             completion_tokens=completion,

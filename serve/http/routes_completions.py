@@ -60,7 +60,8 @@ async def completions(body: CompletionRequest, request: Request):
         completion = 0 if score_only else sum(o[-1].num_generated_tokens for o in outs_per_choice if o)
         ctx.metrics.prompt_tokens.labels(model.id).inc(prompt_tokens)
         ctx.metrics.generation_tokens.labels(model.id).inc(completion)
-        ctx.metrics.latency.labels("completions", model.id).observe(time.monotonic() - started)
+        ctx.metrics.latency.labels("/v1/completions", model.id).observe(time.monotonic() - started)
+        ctx.metrics.requests.labels("/v1/completions", model.id, "200").inc()
         return Usage(
             prompt_tokens=prompt_tokens, completion_tokens=completion, total_tokens=prompt_tokens + completion
         )
