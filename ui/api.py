@@ -46,7 +46,7 @@ class ModelEntry:
 
     @property
     def label(self) -> str:
-        return f"{self.id} · adapter of {self.parent}" if self.parent else f"{self.id} · base model"
+        return f"{self.id} · adapter of {self.parent}" if self.parent else f"{self.id} · base"
 
 
 def api_base(base_url: str) -> str:

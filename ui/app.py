@@ -71,8 +71,10 @@ def create_ui(
                 )
                 refresh = gr.Button("↻ Refresh models", size="sm", elem_id="refresh")
                 system = gr.Textbox(label="System prompt", lines=3, placeholder="Optional", elem_id="system")
-                temperature = gr.Slider(0, 2, value=defaults.temperature, step=0.05, label="Temperature")
-                top_p = gr.Slider(0.05, 1, value=defaults.top_p, step=0.05, label="Top p")
+                temperature = gr.Slider(
+                    0, 2, value=defaults.temperature, step=0.05, label="Temperature", elem_id="temperature"
+                )
+                top_p = gr.Slider(0.05, 1, value=defaults.top_p, step=0.05, label="Top p", elem_id="top-p")
                 max_tokens = gr.Slider(
                     1, 4096, value=defaults.max_tokens, step=1, label="Max tokens", elem_id="max-tokens"
                 )
@@ -86,7 +88,7 @@ def create_ui(
                         label="Chat",
                         elem_id="chatbot",
                         show_copy_button=True,
-                        placeholder="Pick a model, type a message. 👍/👎 on a reply saves it as KTO data.",
+                        placeholder="Pick a model, type a message. Like/dislike on a reply saves it as KTO data.",
                     )
                     with gr.Row():
                         msg = gr.Textbox(
@@ -126,7 +128,7 @@ def create_ui(
                             type="messages", allow_tags=False, height=360, label="Left", elem_id="ab-left"
                         )
                         right_chat = gr.Chatbot(
-                            type="messages", height=360, label="Right", elem_id="ab-right"
+                            type="messages", allow_tags=False, height=360, label="Right", elem_id="ab-right"
                         )
                     with gr.Row():
                         left_better = gr.Button("◀ Left is better", interactive=False, elem_id="left-better")

@@ -140,8 +140,8 @@ class Handlers:
             saved = self.store.record_kto(messages, liked=like.liked, model=model)
         except (FeedbackError, ValueError) as exc:
             return f"Not saved: {exc}"
-        mark = "👍" if like.liked else "👎"
-        return f"{mark} saved as row {saved.row} of `{saved.path}` (dataset `{saved.dataset}`)."
+        verdict = "Liked" if like.liked else "Disliked"
+        return f"{verdict} reply saved as row {saved.row} of `{saved.path}` (dataset `{saved.dataset}`)."
 
     def clear(self):
         import gradio as gr

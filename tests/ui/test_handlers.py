@@ -88,7 +88,7 @@ def test_error_mid_reply_keeps_what_arrived(h):
 def test_thumbs_write_kto_rows(h, tmp_path):
     history, meta, *_ = chat_turn(h, "hello", [], [])[-1]
     note = h.rate(history, meta, SimpleNamespace(index=1, liked=False))
-    assert note.startswith("👎 saved as row 1 of")
+    assert note.startswith("Disliked reply saved as row 1 of")
     (row,) = [json.loads(x) for x in (tmp_path / "feedback" / "kto.jsonl").read_text().splitlines()]
     assert row["label"] is False and row["model"] == "adapter-a"
     assert [m["role"] for m in row["messages"]] == ["system", "user", "assistant"]
