@@ -94,18 +94,27 @@ def client(server):
     return openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=300)
 
 
+_replies: dict[tuple[str, str], list[str]] = {}
+
+
 def greedy_replies(server, model: str) -> list[str]:
-    c = client(server)
-    out = []
-    for prompt in PROMPTS:
-        r = c.chat.completions.create(
-            model=model,
-            messages=[{"role": "user", "content": prompt}],
-            temperature=0,
-            max_tokens=MAX_TOKENS,
-        )
-        out.append(r.choices[0].message.content)
-    return out
+    """Greedy chat replies to PROMPTS, sent together (both engines batch them); cached per server+model."""
+    key = (server.base_url, model)
+    if key not in _replies:
+        c = client(server)
+
+        def ask(prompt: str) -> str:
+            r = c.chat.completions.create(
+                model=model,
+                messages=[{"role": "user", "content": prompt}],
+                temperature=0,
+                max_tokens=MAX_TOKENS,
+            )
+            return r.choices[0].message.content
+
+        with ThreadPoolExecutor(len(PROMPTS)) as pool:
+            _replies[key] = list(pool.map(ask, PROMPTS))
+    return _replies[key]
 
 
 def base_id(server) -> str:
@@ -124,8 +133,8 @@ def test_engines_list_the_same_models(servers):
 def test_greedy_replies_match_the_hf_engine(servers, which):
     vllm_server, hf_server = servers
     model = ADAPTER if which == "adapter" else base_id(vllm_server)
-    vllm_replies = greedy_replies(vllm_server, model)
-    hf_replies = greedy_replies(hf_server, model)
+    with ThreadPoolExecutor(2) as pool:
+        vllm_replies, hf_replies = pool.map(greedy_replies, (vllm_server, hf_server), (model, model))
     assert vllm_replies == hf_replies
     assert all(r.strip() for r in vllm_replies)
 
