@@ -143,6 +143,13 @@ class VLLMEngine(Engine):
 
     def __init__(self, config: ServeConfig, model, adapters: list[AdapterSpec]):
         """`model` is a `serve.models.ResolvedModel`. Cheap checks only; `start()` loads the weights."""
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None:
+            raise RuntimeError(
+                "--engine vllm needs vLLM, which lives in its own environment: run `make vllm-env`, then "
+                "start the server from it: .venv-vllm/bin/llm-serve --engine vllm ..."
+            )
         self.config = config
         self.model = model
         self.adapters = list(adapters)
