@@ -164,7 +164,7 @@ def _add_tokenizer(writer, model_dir: Path, arch: str, vocab_size: int, eos_id: 
 
     tok_json = json.loads((model_dir / "tokenizer.json").read_text())
     model = tok_json["model"]
-    layout = json.dumps([tok_json.get("pre_tokenizer"), tok_json.get("decoder")])
+    layout = json.dumps([tok_json.get("normalizer"), tok_json.get("pre_tokenizer"), tok_json.get("decoder")])
     byte_level = "ByteLevel" in layout
     if model["type"] not in ("BPE", "Unigram") or (model["type"] == "Unigram" and byte_level):
         raise GGUFExportError(
@@ -230,6 +230,12 @@ def _add_tokenizer(writer, model_dir: Path, arch: str, vocab_size: int, eos_id: 
     writer.add_add_bos_token(bool(ids) and ids[0] == tokenizer.bos_token_id)
     if tokenizer.chat_template:
         writer.add_chat_template(tokenizer.chat_template)
+
+
+def is_byte_level(model_dir: Path) -> bool:
+    """True for GPT-2 style byte-level BPE (GGUF `gpt2`), False for SentencePiece style (`llama`)."""
+    tok_json = json.loads((model_dir / "tokenizer.json").read_text())
+    return "ByteLevel" in json.dumps([tok_json.get("pre_tokenizer"), tok_json.get("decoder")])
 
 
 def _pre_tokenizer_name(tok_json: dict, arch: str) -> str:

@@ -138,6 +138,7 @@ def _export_into(tmp: Path, out_name: str, cfg: ExportConfig, plan, after_write)
             eos_id=eos_ids[0],
             max_new_tokens=cfg.max_new_tokens,
             eos_ids=eos_ids,
+            byte_level=gguf_writer.is_byte_level(tmp),
         )
         timings["gguf_verify_s"][qtype] = time.monotonic() - t0
         gguf_info[qtype] = {

@@ -163,6 +163,7 @@ def check_gguf(
     eos_id: int,
     max_new_tokens: int,
     eos_ids: list[int],
+    byte_level: bool = True,
 ) -> list[Check]:
     """Read `path` back and compare it with the merged model's probe (same token sequences)."""
     limits = GGUF_LIMITS[qtype]
@@ -174,13 +175,28 @@ def check_gguf(
     checks.append(Check(f"{prefix}.eos_token_id", config_eos == eos_id, config_eos, str(eos_id)))
     same_template = (gguf_tokenizer.chat_template or None) == (template or None)
     checks.append(Check(f"{prefix}.chat_template", same_template, same_template))
-    same_ids = render_prompts(gguf_tokenizer, template) == merged_probe.prompt_ids
+    plain = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
+    plain_gguf = [gguf_tokenizer(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
     checks.append(
         Check(
             f"{prefix}.tokenizer",
+            plain == plain_gguf,
+            plain == plain_gguf,
+            detail=""
+            if plain == plain_gguf
+            else "the GGUF's tokenizer encodes the verification prompts differently",
+        )
+    )
+    # transformers rebuilds SentencePiece tokenizers from GGUF without the legacy space after special
+    # tokens ("<s>[INST]" vs "<s>▁[INST]"): required to match for byte-level BPE, reported for SentencePiece.
+    same_ids = render_prompts(gguf_tokenizer, template) == merged_probe.prompt_ids
+    checks.append(
+        Check(
+            f"{prefix}.chat_prompt_tokens",
+            same_ids or not byte_level,
             same_ids,
-            same_ids,
-            detail="" if same_ids else "the GGUF's tokenizer encodes the verification prompts differently",
+            "required" if byte_level else "reported",
+            detail="" if same_ids else "templated prompts tokenise differently through the GGUF's tokenizer",
         )
     )
     max_diff, top1 = _compare(merged_probe, model)
