@@ -95,8 +95,6 @@ class FakeOpenAI:
                     return 400, {
                         "error": {"message": "response_format is not supported", "param": "response_format"}
                     }
-        if self.delay_s:
-            time.sleep(self.delay_s)
         chunk = chunk_of(body["messages"])
         if is_bad(chunk, self.bad_every):
             kind, text = "bad", "抱歉，我无法按要求输出。Sorry, I cannot do that."
@@ -104,8 +102,10 @@ class FakeOpenAI:
             kind, text = "good", self._synth_reply(chunk)
         else:
             kind, text = "good", self._extract_reply(chunk)
-        with self._lock:
+        with self._lock:  # logged on arrival, so a request cut off by a kill is counted too
             self.log.append({"chunk": chunk, "kind": kind, "status": 200})
+        if self.delay_s:
+            time.sleep(self.delay_s)
         prompt = sum(count_tokens(m["content"]) for m in body["messages"])
         return 200, {
             "id": "chatcmpl-fake",

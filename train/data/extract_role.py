@@ -246,9 +246,7 @@ def extract_llm(args, text: str) -> tuple[list[dict], Counter, object]:
     client = ChatClient(client_cfg)
     try:
         client.check()
-        counter, tok_name = synth.make_token_counter(
-            args.tokenizer, client_cfg.model_copy(update={"model": client.model})
-        )
+        counter, tok_name = synth.make_token_counter(args.tokenizer, client_cfg, client.model)
         chunks = chunk_text(text, counter, args.chunk_tokens, args.overlap)
         language = args.language or detect_language(text)
         cfg = {

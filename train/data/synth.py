@@ -286,6 +286,7 @@ def synth_chunk(chunk: Chunk, cfg: SynthConfig, client: ChatClient) -> ChunkResu
             min_shared_terms=cfg.min_shared_terms,
             known_types=cfg.types(),
         )
+        stats["entries_received"] = len(raw)
         for reason, n in dropped.items():
             stats[f"dropped_{reason}"] = n
         stats["dropped"] = sum(dropped.values())
@@ -298,19 +299,34 @@ def synth_chunk(chunk: Chunk, cfg: SynthConfig, client: ChatClient) -> ChunkResu
 # ----------------------------------------------------------------------------- run
 
 
-def make_token_counter(tokenizer: str | None, client: ClientConfig) -> tuple[TokenCounter, str]:
-    """The chunking tokenizer and a name for it: explicit, the local --model, `default`, or the server."""
+def make_token_counter(
+    tokenizer: str | None, client: ClientConfig, served_model: str
+) -> tuple[TokenCounter, str]:
+    """The chunking tokenizer and a name for it.
+
+    In order: `tokenizer` when given ('server' means POST /tokenize); the --model when it names a
+    local model; the server's /tokenize for the served model; the local `default` model.
+    """
+    import httpx
+
     from serve.models import ModelNotFoundError
 
+    def from_server() -> tuple[TokenCounter, str]:
+        return server_token_counter(client.base_url, served_model, client.api_key), f"server:{served_model}"
+
     if tokenizer == "server":
-        return server_token_counter(client.base_url, client.model, client.api_key), f"server:{client.model}"
-    name = tokenizer or client.model or "default"
+        return from_server()
+    if tokenizer:
+        return load_token_counter(tokenizer), tokenizer
+    if client.model:
+        try:
+            return load_token_counter(client.model), client.model
+        except ModelNotFoundError:
+            pass  # a served id or adapter name, not a local path
     try:
-        return load_token_counter(name), name
-    except ModelNotFoundError:
-        if tokenizer:
-            raise
-    return server_token_counter(client.base_url, client.model, client.api_key), f"server:{client.model}"
+        return from_server()
+    except (httpx.HTTPError, KeyError, ValueError):
+        return load_token_counter("default"), "default"
 
 
 def fingerprint(cfg: SynthConfig, text: str, tokenizer_name: str, model: str) -> dict:
@@ -352,9 +368,7 @@ def synthesize(cfg: SynthConfig, transport=None) -> RunOutcome:
     client = ChatClient(cfg.client, transport=transport)
     try:
         client.check()
-        counter, tokenizer_name = make_token_counter(
-            cfg.tokenizer, cfg.client.model_copy(update={"model": client.model})
-        )
+        counter, tokenizer_name = make_token_counter(cfg.tokenizer, cfg.client, client.model)
         chunks = chunk_text(text, counter, cfg.chunk_tokens, cfg.overlap_tokens)
         journal = ChunkJournal(cfg.out, fingerprint(cfg, text, tokenizer_name, client.model))
         outcome = process_chunks(
