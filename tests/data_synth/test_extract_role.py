@@ -6,7 +6,9 @@ import json
 from pathlib import Path
 
 from tests.data_synth.fake_openai import FakeOpenAI
+from train.data import cli
 from train.data.extract_role import extract_script, main, strip_directions
+from train.data.validate import validate_file
 
 DATA = Path(__file__).parent / "data"
 SCRIPT = DATA / "script_zh.txt"
@@ -69,20 +71,28 @@ def test_strip_directions_nested_and_gaps():
     assert strip_directions("（众人退下）") == ""
 
 
-def test_cli_writes_persona_rows_and_prints_counts_and_sample(tmp_path, capsys):
-    out = tmp_path / "huangdi.json"
+def test_cli_writes_registers_and_prints_counts_and_sample(tmp_path, capsys):
+    out = tmp_path / "data" / "huangdi.json"
     argv = [str(SCRIPT), "--role", "四郎", "--alias", "皇帝,皇上", "--system", SYSTEM, "--out", str(out)]
-    assert main(argv) == 0
+    assert cli.main(["extract-role", *argv, "--register", "huangdi", "--dataset-dir", str(out.parent)]) == 0
     rows = json.loads(out.read_text(encoding="utf-8"))
     assert [(r["input"], r["output"]) for r in rows] == EXPECTED
     assert list(rows[0]) == ["system", "instruction", "input", "output"]
     printed = capsys.readouterr().out
     assert "mode: script; wrote 5 rows" in printed and "dropped_no_preceding_line=1" in printed
     assert json.dumps(rows[0], ensure_ascii=False) in printed
+    info = json.loads((out.parent / "dataset_info.json").read_text(encoding="utf-8"))
+    assert info["huangdi"] == {
+        "file_name": "huangdi.json",
+        "columns": {"prompt": "instruction", "query": "input", "response": "output", "system": "system"},
+    }
+    report = validate_file(out, "alpaca", columns=info["huangdi"]["columns"])
+    assert report.ok and report.samples[0][1].system == SYSTEM
     # Refuses to overwrite; jsonl on request.
     assert main(argv) == 1
     assert "--overwrite" in capsys.readouterr().err
     assert main([*argv[:-1], str(tmp_path / "h.jsonl")]) == 0
+    capsys.readouterr()
     assert len((tmp_path / "h.jsonl").read_text(encoding="utf-8").splitlines()) == 5
 
 

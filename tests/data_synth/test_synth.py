@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 
 from tests.data_synth.fake_openai import FakeOpenAI, first_sentence
+from train.data import cli
 from train.data.synth import main
+from train.data.validate import validate_file
 
 DATA = Path(__file__).parent / "data"
 PROSE = DATA / "prose_zh.txt"
@@ -54,6 +56,18 @@ def test_retries_validation_and_accounting(tmp_path, capsys):
     assert (
         not (tmp_path / "qa.json.partial.jsonl").exists() and not (tmp_path / "qa.json.state.json").exists()
     )
+
+
+def test_llm_data_synth_registers_a_valid_dataset(tmp_path, capsys):
+    out = tmp_path / "novel_qa.json"
+    with FakeOpenAI() as server:
+        argv = ["synth", *synth_args(server, out), "--register", "novel_qa", "--dataset-dir", str(tmp_path)]
+        assert cli.main(argv) == 0
+    assert f"registered 'novel_qa' in {tmp_path / 'dataset_info.json'}" in capsys.readouterr().out
+    entry = json.loads((tmp_path / "dataset_info.json").read_text(encoding="utf-8"))["novel_qa"]
+    assert entry["file_name"] == "novel_qa.json"
+    report = validate_file(out, "alpaca", columns=entry["columns"])
+    assert report.ok and len(report.samples) == len(read_rows(out)) > 0
 
 
 def test_reply_retries_reask_and_json_mode_fallback(tmp_path, capsys):
@@ -119,7 +133,7 @@ def test_kill_and_resume_never_duplicates(tmp_path):
     with FakeOpenAI(delay_s=0.4) as server:
         args = synth_args(server, out, "--reply-retries", "0", "--concurrency", "2", "--chunk-tokens", "60")
         env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
-        proc = subprocess.Popen([sys.executable, "-m", "train.data.synth", *args], cwd=tmp_path, env=env,
+        proc = subprocess.Popen([sys.executable, "-m", "train.data.cli", "synth", *args], cwd=tmp_path, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and proc.poll() is None:

@@ -38,6 +38,7 @@ from train.data.chunking import Chunk, chunk_text
 from train.data.openai_client import ChatClient, ReplyParseError, parse_json_reply
 
 PROMPT_VERSION = 1
+PERSONA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "system": "system"}
 # Innermost brackets first; applied until nothing changes so nested directions go too.
 _DIRECTION = re.compile(r"（[^（）]*）|\([^()]*\)|【[^【】]*】|\[[^\[\]]*\]|〔[^〔〕]*〕")
 _LABEL = re.compile(r"^\s*([^\s：:，。！？,.!?“”\"「」]{1,12}|[A-Za-z][A-Za-z .'-]{0,30}?)\s*[：:]\s*(.*)$")
@@ -395,6 +396,7 @@ def run(args) -> int:
                 f"{args.text_file}; check --role/--alias against the speaker labels"
             )
         write_rows(rows, args.out, fmt)
+        synth.check_written(args.out, PERSONA_COLUMNS)
         if journal is not None:
             journal.discard()
     except KeyboardInterrupt:
@@ -411,14 +413,7 @@ def run(args) -> int:
         print(json.dumps(row, ensure_ascii=False))
     if args.register:
         try:
-            print(
-                synth.register_output(
-                    args.out,
-                    args.register,
-                    args.dataset_dir,
-                    {"prompt": "instruction", "query": "input", "response": "output", "system": "system"},
-                )
-            )
+            print(synth.register_output(args.out, args.register, args.dataset_dir, PERSONA_COLUMNS))
         except Exception as e:  # noqa: BLE001
             print(f"llm-data extract-role: error: registering failed: {e}", file=sys.stderr)
             return 1

@@ -132,6 +132,30 @@ class SynthConfig(BaseModel):
 # ----------------------------------------------------------------------------- validation
 
 
+def alpaca_row_problem(row: dict) -> str | None:
+    """Why `llm-data validate` (the training stage's alpaca parser) would refuse `row`, or None."""
+    from train.data.formats import RowError, get_format
+
+    fmt = get_format("alpaca")
+    try:
+        fmt.parse(row, fmt.default_entry("rows", row))
+    except RowError as e:
+        return str(e)
+    return None
+
+
+def check_written(path: Path, columns: dict[str, str]) -> None:
+    """Validate the final file with `llm-data validate`'s checks; raise naming the first problems."""
+    from train.data.validate import validate_file
+
+    report = validate_file(path, "alpaca", columns=columns)
+    if not report.ok:
+        shown = "\n".join(str(p) for p in report.problems[:5])
+        raise ValueError(
+            f"{path} does not pass `llm-data validate` ({len(report.problems)} problems):\n{shown}"
+        )
+
+
 def content_terms(text: str, language: str) -> set[str]:
     """Character pairs of CJK text, or lower-cased words of 4+ letters (no stop words) otherwise."""
     if language == "zh" or _CJK.search(text):
@@ -217,22 +241,24 @@ def validate_entries(
         if len(content_terms(instruction + " " + output, language) & chunk_terms) < min_shared_terms:
             drop("ungrounded")
             continue
-        seen.add(key)
         given = entry.get("type")
         qtype = (
             given
             if isinstance(given, str) and given in {*types, *known_types}
             else types[min(position, len(types) - 1)]
         )
-        rows.append(
-            {
-                "instruction": instruction,
-                "input": "",
-                "output": output,
-                "chunk_id": chunk.id,
-                "question_type": qtype,
-            }
-        )
+        row = {
+            "instruction": instruction,
+            "input": "",
+            "output": output,
+            "chunk_id": chunk.id,
+            "question_type": qtype,
+        }
+        if alpaca_row_problem(row):
+            drop("invalid_row")
+            continue
+        seen.add(key)
+        rows.append(row)
     return rows, dropped
 
 
@@ -383,6 +409,7 @@ def synthesize(cfg: SynthConfig, transport=None) -> RunOutcome:
         outcome.run_stats = {"chunks_total": len(chunks), **client.usage.as_dict()}
         if outcome.complete:
             write_rows(outcome.rows(), cfg.out, fmt)
+            check_written(cfg.out, SYNTH_COLUMNS)
             journal.discard()
         return outcome
     finally:
@@ -522,14 +549,17 @@ def config_from_args(args) -> SynthConfig:
     )
 
 
+SYNTH_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output"}
+
+
 def register_output(path: Path, name: str, dataset_dir: Path | None, columns: dict[str, str]) -> str:
-    """Register `path` in `dataset_dir/dataset_info.json` with the training stage's `register`."""
-    from train.data.register import register  # the training stage owns dataset_info.json
+    """Register `path` in `dataset_dir/dataset_info.json` with `llm-data register`'s function."""
+    from train.data.register import register_dataset
 
     if dataset_dir is None:
         raise ValueError("--register needs --dataset-dir (the directory holding dataset_info.json)")
-    register(path, name=name, dataset_dir=dataset_dir, format="alpaca", columns=columns)
-    return f"registered {name!r} in {Path(dataset_dir) / 'dataset_info.json'}"
+    _, replaced = register_dataset(path, name, dataset_dir, fmt="alpaca", columns=columns)
+    return f"{'updated' if replaced else 'registered'} {name!r} in {Path(dataset_dir) / 'dataset_info.json'}"
 
 
 def run(args) -> int:
@@ -560,14 +590,7 @@ def run(args) -> int:
     print(f"wrote {len(rows)} rows to {cfg.out}")
     if args.register:
         try:
-            print(
-                register_output(
-                    cfg.out,
-                    args.register,
-                    args.dataset_dir,
-                    {"prompt": "instruction", "query": "input", "response": "output"},
-                )
-            )
+            print(register_output(cfg.out, args.register, args.dataset_dir, SYNTH_COLUMNS))
         except Exception as e:  # noqa: BLE001
             print(f"llm-data synth: error: registering failed: {e}", file=sys.stderr)
             return 1
