@@ -4,7 +4,7 @@
         main(["text.txt", "--out", out, "--base-url", server.base_url])
 
 It answers `GET /v1/models`, `POST /tokenize` (counts CJK characters, words and punctuation) and
-`POST /v1/chat/completions`. A chat request first consumes the scripted failures (`fail_first`), then
+`POST /v1/chat/completions`. A chat request first consumes the scripted failures (`fail_first`, `fail_on`), then
 reads the chunk between the first triple quotes of the user message and replies, like a model would,
 with JSON built from that chunk: for synth one grounded entry, one entry about something else and
 one without an answer; for extract-role the chunk's quotations that follow the role's name, plus one
@@ -50,6 +50,7 @@ class FakeOpenAI:
         *,
         mode: str = "synth",
         fail_first: list[int] | None = None,
+        fail_on: dict[int, int] | None = None,
         bad_every: int = 0,
         delay_s: float = 0.0,
         reject_json_mode: bool = False,
@@ -57,6 +58,8 @@ class FakeOpenAI:
     ):
         self.mode = mode
         self.failures = list(fail_first or [])
+        self.fail_on = dict(fail_on or {})  # chat request number (from 1) -> HTTP status
+        self.chat_requests = 0
         self.bad_every = bad_every
         self.delay_s = delay_s
         self.reject_json_mode = reject_json_mode
@@ -85,8 +88,9 @@ class FakeOpenAI:
 
     def chat(self, body: dict) -> tuple[int, dict]:
         with self._lock:
-            if self.failures:
-                status = self.failures.pop(0)
+            self.chat_requests += 1
+            if self.failures or self.chat_requests in self.fail_on:
+                status = self.failures.pop(0) if self.failures else self.fail_on[self.chat_requests]
                 self.log.append({"chunk": None, "kind": "error", "status": status})
                 return status, {"error": {"message": f"scripted failure {status}", "type": "server_error"}}
             if "response_format" in body:

@@ -99,6 +99,21 @@ def test_refuses_to_overwrite_and_to_mix_settings(tmp_path, capsys):
     assert read_rows(out)
 
 
+def test_a_failing_chunk_stops_the_run_and_the_rerun_completes(tmp_path, capsys):
+    out = tmp_path / "qa.json"
+    with FakeOpenAI(fail_on={3: 500}) as server:
+        args = synth_args(server, out, "--concurrency", "1", "--max-retries", "0")
+        assert main(args) == 1
+        err = capsys.readouterr().err
+        assert "failed after 1 attempts: HTTP 500" in err and "re-run the same command to resume" in err
+        assert not out.exists()
+        assert len((tmp_path / "qa.json.partial.jsonl").read_text(encoding="utf-8").splitlines()) == 2
+        assert main(args) == 0
+        assert "(2 resumed from the journal)" in capsys.readouterr().out
+        asked = [r["chunk"] for r in server.replies() if r["kind"] != "error"]
+    assert len(asked) == len(set(asked)) == len({r["chunk_id"] for r in read_rows(out)})
+
+
 def test_unreachable_endpoint_is_one_clear_error(tmp_path, capsys):
     args = [str(PROSE), "--out", str(tmp_path / "x.json"), "--base-url", "http://127.0.0.1:9/v1",
             "--max-retries", "1", "--retry-backoff", "0.01", "--no-progress"]  # fmt: skip

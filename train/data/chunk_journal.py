@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import tempfile
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterable
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -162,37 +162,50 @@ def process_chunks(
     bar = tqdm(
         total=len(chunks), initial=resumed, desc=desc, unit="chunk", disable=not progress, dynamic_ncols=True
     )
-    queue: Iterable[Chunk] = iter(todo)
-    started = 0
-    with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
-        running = {}
-        for chunk in queue:
-            running[pool.submit(work, chunk)] = chunk
-            started += 1
-            if len(running) >= concurrency:
-                break
-        while running:
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            for fut in finished:
-                chunk = running.pop(fut)
-                try:
-                    result = fut.result()
-                except Exception as e:  # noqa: BLE001 - reported per chunk; the run stops scheduling
-                    failed.append((chunk, f"{type(e).__name__}: {e}"))
-                    continue
-                journal.append(result)
-                results[result.chunk_id] = result
-                bar.update(1)
-                totals = Counter()
-                for r in results.values():
-                    totals.update(r.stats)
-                bar.set_postfix(kept=totals.get("kept", 0), dropped=totals.get("dropped", 0), refresh=False)
-            if not failed:
-                for chunk in queue:
-                    running[pool.submit(work, chunk)] = chunk
-                    started += 1
-                    if len(running) >= concurrency:
-                        break
+    # Daemon threads rather than ThreadPoolExecutor: on Ctrl-C the process exits at once instead of
+    # waiting for requests in flight (their chunks are simply not journaled and are redone on resume).
+    pending: queue.Queue = queue.Queue()
+    done: queue.Queue = queue.Queue()
+
+    def worker() -> None:
+        while (chunk := pending.get()) is not None:
+            try:
+                done.put((chunk, work(chunk), None))
+            except Exception as e:  # noqa: BLE001 - reported per chunk; the run stops scheduling
+                done.put((chunk, None, f"{type(e).__name__}: {e}"))
+
+    workers = max(1, min(concurrency, len(todo)))
+    for _ in range(workers):
+        threading.Thread(target=worker, daemon=True).start()
+    feed = iter(todo)
+    started = running = 0
+    for chunk in feed:
+        pending.put(chunk)
+        started, running = started + 1, running + 1
+        if running >= workers:
+            break
+    totals: Counter = Counter()
+    for r in results.values():
+        totals.update(r.stats)
+    while running:
+        try:
+            chunk, result, error = done.get(timeout=0.5)
+        except queue.Empty:
+            continue
+        running -= 1
+        if error is not None:
+            failed.append((chunk, error))
+        else:
+            journal.append(result)
+            results[result.chunk_id] = result
+            totals.update(result.stats)
+            bar.update(1)
+            bar.set_postfix(kept=totals.get("kept", 0), dropped=totals.get("dropped", 0), refresh=False)
+        if not failed and (nxt := next(feed, None)) is not None:
+            pending.put(nxt)
+            started, running = started + 1, running + 1
+    for _ in range(workers):
+        pending.put(None)
     bar.close()
     return RunOutcome(results=results, resumed=resumed, failed=failed, not_started=len(todo) - started)
 
