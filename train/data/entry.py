@@ -1,0 +1,157 @@
+"""One `dataset_info.json` entry (LLaMA-Factory's `DatasetAttr`), and atomic reads/writes of that file.
+
+An entry says how a file's columns map onto prompts and responses: `formatting` (alpaca, sharegpt or
+openai), `ranking` (pairwise preference data), `columns` and, for sharegpt-like data, `tags` (role names).
+Defaults are LLaMA-Factory 0.9.5's, so an entry means here exactly what it means there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DATASET_INFO = "dataset_info.json"
+
+ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output"}
+SHAREGPT_TAGS = {
+    "role_tag": "from",
+    "content_tag": "value",
+    "user_tag": "human",
+    "assistant_tag": "gpt",
+    "observation_tag": "observation",
+    "function_tag": "function_call",
+    "system_tag": "system",
+}
+# The tags an OpenAI-style `messages` list uses (LLaMA-Factory's kto demo entry spells these out).
+OPENAI_TAGS = {
+    "role_tag": "role",
+    "content_tag": "content",
+    "user_tag": "user",
+    "assistant_tag": "assistant",
+    "observation_tag": "tool",
+    "function_tag": "function_call",
+    "system_tag": "system",
+}
+COLUMN_KEYS = (
+    "prompt",
+    "query",
+    "response",
+    "history",
+    "messages",
+    "system",
+    "tools",
+    "images",
+    "videos",
+    "audios",
+    "chosen",
+    "rejected",
+    "kto_tag",
+)
+
+
+class DatasetInfoError(ValueError):
+    """`dataset_info.json` is missing, unreadable or lacks the named dataset."""
+
+
+@dataclass
+class DatasetEntry:
+    """How LLaMA-Factory reads one dataset file; `to_info()` is the JSON written to dataset_info.json."""
+
+    file_name: str
+    formatting: str = "alpaca"
+    ranking: bool = False
+    columns: dict[str, str] | None = (
+        None  # None: LLaMA-Factory's defaults; given: unlisted columns are unused
+    )
+    tags: dict[str, str] | None = None  # same rule as columns
+    extra: dict[str, Any] = field(default_factory=dict)  # keys we do not interpret, kept as they are
+
+    @classmethod
+    def from_info(cls, info: dict[str, Any]) -> DatasetEntry:
+        known = {"file_name", "formatting", "ranking", "columns", "tags"}
+        return cls(
+            file_name=str(info.get("file_name", "")),
+            formatting=str(info.get("formatting", "alpaca")),
+            ranking=bool(info.get("ranking", False)),
+            columns=dict(info["columns"]) if isinstance(info.get("columns"), dict) else None,
+            tags=dict(info["tags"]) if isinstance(info.get("tags"), dict) else None,
+            extra={k: v for k, v in info.items() if k not in known},
+        )
+
+    def to_info(self) -> dict[str, Any]:
+        info: dict[str, Any] = {"file_name": self.file_name}
+        if self.formatting != "alpaca":
+            info["formatting"] = self.formatting
+        if self.ranking:
+            info["ranking"] = True
+        if self.columns is not None:
+            info["columns"] = dict(self.columns)
+        if self.tags is not None:
+            info["tags"] = dict(self.tags)
+        info.update(self.extra)
+        return info
+
+    def column(self, key: str) -> str | None:
+        """The file's column for LLaMA-Factory's `key`: once `columns` is given, unlisted keys are unused."""
+        if self.columns is not None:
+            return self.columns.get(key)
+        return {**ALPACA_COLUMNS, "messages": "conversations"}.get(key)
+
+    def tag(self, key: str) -> str | None:
+        """The role/content tag for `key`; as with columns, a given `tags` replaces all defaults."""
+        if self.tags is not None:
+            return self.tags.get(key)
+        return SHAREGPT_TAGS[key]
+
+
+def load_dataset_info(dataset_dir: str | os.PathLike) -> dict[str, Any]:
+    """Read `DIR/dataset_info.json` ({} when it does not exist yet)."""
+    path = Path(dataset_dir) / DATASET_INFO
+    if not path.is_file():
+        return {}
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DatasetInfoError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(info, dict):
+        raise DatasetInfoError(f"{path}: must be a JSON object mapping dataset names to entries")
+    return info
+
+
+def find_entry(dataset_dir: str | os.PathLike, name: str) -> tuple[DatasetEntry, Path]:
+    """The entry named `name` and the data file it points at; raises DatasetInfoError naming what exists."""
+    info = load_dataset_info(dataset_dir)
+    path = Path(dataset_dir) / DATASET_INFO
+    if name not in info:
+        known = ", ".join(sorted(info)) or "none"
+        raise DatasetInfoError(
+            f"dataset {name!r} is not in {path} (registered: {known}); add it with "
+            f"`llm-data register FILE --name {name} --dataset-dir {dataset_dir}`"
+        )
+    entry = DatasetEntry.from_info(info[name])
+    if not entry.file_name:
+        raise DatasetInfoError(
+            f"{path}: dataset {name!r} has no local file_name (hub datasets are not used offline)"
+        )
+    return entry, Path(dataset_dir) / entry.file_name
+
+
+def write_dataset_info(dataset_dir: str | os.PathLike, info: dict[str, Any]) -> Path:
+    """Write `DIR/dataset_info.json` atomically (temporary file in the same directory, then rename)."""
+    directory = Path(dataset_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / DATASET_INFO
+    fd, tmp = tempfile.mkstemp(prefix=".dataset_info.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(info, f, ensure_ascii=False, indent=2)
+            f.write("\n")
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
