@@ -11,7 +11,7 @@ import pytest
 from train.data.chunk_journal import ChunkJournal, ChunkResult, JournalMismatchError
 from train.data.chunking import Chunk, chunk_text, split_sentences
 from train.data.openai_client import ReplyParseError, parse_json_reply
-from train.data.synth import entries_of, validate_entries
+from train.data.synth_checks import entries_of, validate_entries
 
 PROSE = (Path(__file__).parent / "data" / "prose_zh.txt").read_text(encoding="utf-8")
 

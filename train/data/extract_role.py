@@ -36,6 +36,7 @@ from train.data.chunk_journal import (
 )
 from train.data.chunking import Chunk, chunk_text
 from train.data.openai_client import ChatClient, ReplyParseError, parse_json_reply
+from train.data.synth_checks import check_written, entries_of
 
 PROMPT_VERSION = 1
 PERSONA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "system": "system"}
@@ -229,7 +230,7 @@ def llm_chunk(
         stats["prompt_tokens"] += reply.prompt_tokens
         stats["completion_tokens"] += reply.completion_tokens
         try:
-            raw = synth.entries_of(parse_json_reply(reply.text))
+            raw = entries_of(parse_json_reply(reply.text))
         except ReplyParseError:
             stats["unparseable_replies"] = stats.get("unparseable_replies", 0) + 1
             continue
@@ -396,7 +397,7 @@ def run(args) -> int:
                 f"{args.text_file}; check --role/--alias against the speaker labels"
             )
         write_rows(rows, args.out, fmt)
-        synth.check_written(args.out, PERSONA_COLUMNS)
+        check_written(args.out, PERSONA_COLUMNS)
         if journal is not None:
             journal.discard()
     except KeyboardInterrupt:
