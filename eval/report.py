@@ -124,10 +124,12 @@ def _plots(results: dict, out: Path) -> dict[str, Path]:
                 metric = _primary_metric(info) if info else None
                 if metric:
                     m = info["metrics"][metric]
+                    ci = m.get("ci95") or [m["value"], m["value"]]
                     xs.append(i + j * width)
                     ys.append(m["value"])
-                    errs.append(1.96 * m["stderr"] if m.get("stderr") is not None else 0.0)
-            ax.bar(xs, ys, width, yerr=errs, capsize=3, label=target, color=colors[target])
+                    errs.append([m["value"] - ci[0], ci[1] - m["value"]])
+            yerr = list(zip(*errs, strict=True)) if errs else None
+            ax.bar(xs, ys, width, yerr=yerr, capsize=3, label=target, color=colors[target])
         labels = []
         for task in task_names:
             info = next(
@@ -188,7 +190,7 @@ def _plots(results: dict, out: Path) -> dict[str, Path]:
     thr = results.get("throughput", {})
     if thr:
         fig, ax = plt.subplots(figsize=(5, 3))
-        stages = sorted({s for v in thr.values() for s in v})
+        stages = sorted({s for v in thr.values() for s in v if s != "load"})
         width = 0.8 / max(1, len(stages))
         for j, stage in enumerate(stages):
             vals = [thr.get(n, {}).get(stage, {}).get("samples_per_s", 0) for n in names]
@@ -242,7 +244,12 @@ def _tables(results: dict) -> list[tuple[str, list[str], list[list[str]], str]]:
             )
     if rows:
         tables.append(
-            ("Task quality", ["task", "metric", "n"] + names, rows, "value [95% CI from lm-eval's stderr]")
+            (
+                "Task quality",
+                ["task", "metric", "n"] + names,
+                rows,
+                "value [95% CI: Wilson for proportions, else 1.96 x lm-eval's stderr]",
+            )
         )
     style = results.get("style", {})
     if style.get("targets"):

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import logging
+import math
 import os
 import time
 from collections.abc import Iterator
@@ -123,6 +125,8 @@ def plan_tasks(
     """Check every task exists (raises TaskError listing close names) and read its output type."""
     from lm_eval.tasks import TaskManager
 
+    # lm-eval warns about `custom_dataset` on every load of the shipped suites' tasks; it is expected.
+    logging.getLogger("lm_eval.api.task").addFilter(lambda r: "Custom kwargs" not in r.getMessage())
     for p in include_paths:
         if not Path(p).is_dir():
             raise TaskError(f"--include-path {p} is not a directory of lm-eval task YAMLs")
@@ -141,14 +145,19 @@ def plan_tasks(
             f"unknown task {listing}. Local tasks: {shown}. lm-eval has {len(known)} tasks and groups "
             "(`lm-eval ls tasks` lists them); local task YAMLs go in --include-path"
         )
-    with _offline():
-        task_dict = _flatten(manager.load_task_or_group(names))
     plan = TaskPlan(list(include_paths), use_defaults, num_fewshot=num_fewshot, manager=manager)
     for name in names:
-        leaves = [t for key, t in task_dict.items() if key == name or key.startswith(f"{name}::")] or [
-            t for t in task_dict.values() if t.config.task in _leaf_names(manager, name)
-        ]
+        try:
+            with _offline():
+                leaves = manager.load(name)["tasks"].values()
+        except Exception as exc:  # datasets raises many kinds when a hub dataset is not cached
+            raise TaskError(
+                f"task {name!r} could not load its data offline ({type(exc).__name__}: {str(exc)[:200]}); "
+                "hub tasks need their dataset in the local Hugging Face datasets cache, or use a "
+                "local task YAML with its own data (see eval/suites/tasks)"
+            ) from exc
         types = {t.config.output_type for t in leaves} or {"generate_until"}
+        # A group mixing kinds runs without the chat template so its log-likelihood parts can be scored.
         out_type = "generate_until" if types == {"generate_until"} else sorted(types - {"generate_until"})[0]
         plan.output_types[name] = out_type
         if chat_mode in ("on", "off"):
@@ -158,27 +167,6 @@ def plan_tasks(
         else:
             plan.chat[name] = out_type == "generate_until"
     return plan
-
-
-def _leaf_names(manager, name: str) -> set[str]:
-    with contextlib.suppress(Exception):
-        return set(manager.match_tasks([name]))
-    return {name}
-
-
-def _flatten(obj, prefix: str = "") -> dict:
-    """load_task_or_group's nested {group: {task: Task}} into {name or group::task: Task}."""
-    from lm_eval.api.task import Task
-
-    out = {}
-    for key, value in obj.items():
-        name = getattr(key, "group_name", None) or getattr(key, "task_name", None) or str(key)
-        full = f"{prefix}::{name}" if prefix else name
-        if isinstance(value, Task):
-            out[full] = value
-        elif isinstance(value, dict):
-            out.update(_flatten(value, full))
-    return out
 
 
 @contextlib.contextmanager
@@ -306,8 +294,14 @@ def _run(plan: TaskPlan, model_for, *, limit: int | None, seed: int, cache_db: s
     return {"tasks": tasks, "samples": samples}
 
 
+PROPORTION_METRICS = ("acc", "acc_norm", "exact_match", "contains", "f1_binary", "mcc_binary")
+
+
 def _metrics(raw: dict, n: int) -> dict:
-    """{"acc,none": .5, "acc_stderr,none": .1} -> {"acc": {"value", "stderr", "ci95", "n"}}."""
+    """{"acc,none": .5, "acc_stderr,none": .1} -> {"acc": {"value", "stderr", "ci95", "n"}}.
+
+    Proportions (accuracy, exact match) get a Wilson interval, which stays inside [0, 1] and is
+    honest for the small n of a `--limit` run; other metrics get value +- 1.96 stderr."""
     out = {}
     for key, value in raw.items():
         metric, _, filt = key.partition(",")
@@ -316,9 +310,20 @@ def _metrics(raw: dict, n: int) -> dict:
         name = metric if filt in ("", "none") else f"{metric}[{filt}]"
         stderr = raw.get(f"{metric}_stderr,{filt}") if filt else raw.get(f"{metric}_stderr")
         stderr = stderr if isinstance(stderr, (int, float)) else None
-        ci = [value - 1.96 * stderr, value + 1.96 * stderr] if stderr is not None else None
+        if metric in PROPORTION_METRICS and 0 <= value <= 1 and n > 0:
+            ci = list(wilson_interval(float(value), n))
+        else:
+            ci = [value - 1.96 * stderr, value + 1.96 * stderr] if stderr is not None else None
         out[name] = {"value": float(value), "stderr": stderr, "ci95": ci, "n": n}
     return out
+
+
+def wilson_interval(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a proportion `p` observed over `n` samples."""
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 def _sample_row(row: dict) -> dict:
