@@ -33,3 +33,13 @@ def test_render_chatml_modelfile():
     assert 'PARAMETER stop "a\\"b"' in text
     assert 'SYSTEM """Be brief."""' in text
     assert "<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>" in text
+
+
+def test_default_system_prompt_of_the_smollm2_template(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from train.export.modelfile import default_system
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert default_system(tok, tok.chat_template).startswith("You are a helpful AI assistant named SmolLM")
+    assert default_system(tok, CHATML) is None
