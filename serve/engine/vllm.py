@@ -180,6 +180,10 @@ class VLLMEngine(Engine):
         from vllm.v1.engine.async_llm import AsyncLLM
 
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+        if not self.on_gpu and not self.config.enforce_eager:
+            logger.warning(
+                "vLLM compiles the model first (minutes on CPU); --enforce-eager starts in under a minute"
+            )
         logger.info("starting vLLM: %s", {k: v for k, v in self.engine_kwargs.items() if k != "tokenizer"})
         args = AsyncEngineArgs(**self.engine_kwargs)
         self._llm = AsyncLLM.from_engine_args(args, stat_loggers=[_stat_sink_factory(self._stats)])

@@ -28,7 +28,7 @@ def test_vllm_suite_passes_in_its_own_venv(tmp_path):
         pytest.skip("already inside the vLLM environment: its tests run directly")
     if not (REPO / ".venv-vllm" / ".lock-hash").is_file():
         pytest.skip("./.venv-vllm is not built; run `make vllm-env` to test the vLLM engine")
-    cmd = [str(VLLM_PY), "-m", "pytest", "tests/vllm", "-m", "vllm", "-x", "-q", "-p", "no:cacheprovider",
+    cmd = [str(VLLM_PY), "-m", "pytest", "tests/vllm", "-m", "vllm", "-x", "-q", "-p", "no:cacheprovider", "--durations=5",
            f"--basetemp={tmp_path / 'pytest'}"]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONDONTWRITEBYTECODE": "1"}
     # Own process group, so a timeout also ends the servers and vLLM engine processes it started.
