@@ -229,6 +229,8 @@ def llm_chunk(
         stats["requests"] += 1
         stats["prompt_tokens"] += reply.prompt_tokens
         stats["completion_tokens"] += reply.completion_tokens
+        if reply.finish_reason == "length":
+            stats["replies_cut_by_max_tokens"] = stats.get("replies_cut_by_max_tokens", 0) + 1
         try:
             raw = entries_of(parse_json_reply(reply.text))
         except ReplyParseError:

@@ -137,6 +137,8 @@ def synth_chunk(chunk: Chunk, cfg: SynthConfig, client: ChatClient) -> ChunkResu
         stats["requests"] += 1
         stats["prompt_tokens"] += reply.prompt_tokens
         stats["completion_tokens"] += reply.completion_tokens
+        if reply.finish_reason == "length":
+            stats["replies_cut_by_max_tokens"] = stats.get("replies_cut_by_max_tokens", 0) + 1
         try:
             raw = entries_of(parse_json_reply(reply.text))
         except ReplyParseError:
@@ -270,6 +272,10 @@ def summary_lines(outcome: RunOutcome) -> list[str]:
         f"over {t.get('requests', 0)} requests (all runs); this run: {run.get('requests', 0)} HTTP requests, "
         f"{run.get('retries', 0)} retries"
     )
+    if t.get("replies_cut_by_max_tokens"):
+        lines.append(
+            f"{t['replies_cut_by_max_tokens']} replies stopped at --max-tokens; raise it if entries are cut off"
+        )
     return lines
 
 
