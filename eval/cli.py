@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, help="most new tokens per style reply (default 128)")
     p.add_argument("--temperature", type=float, help="style reply temperature (default 0: greedy)")
     p.add_argument("--batch-size", type=int, help="local batch size (default 8)")
+    p.add_argument(
+        "--threads", type=int, help="torch CPU threads for local targets (1 is fastest on a busy CPU)"
+    )
     p.add_argument("--concurrency", type=int, help="requests in flight against --base-url (default 4)")
     p.add_argument(
         "--no-embeddings",

@@ -63,6 +63,11 @@ class EvalConfig(BaseModel):
     max_tokens: int = Field(128, ge=1, description="Most new tokens per style reply.")
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="Style reply temperature (0 = greedy).")
     batch_size: int = Field(8, ge=1, description="Local batch size (lm-eval and style generation).")
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch CPU threads for local targets (default: torch's; 1 is far faster on a busy CPU).",
+    )
     concurrency: int = Field(4, ge=1, description="Requests in flight against --base-url.")
     embeddings: bool = Field(True, description="Score embedding similarity (all-MiniLM-L6-v2; English).")
     cache_dir: Path = Field(

@@ -48,6 +48,10 @@ def run_eval(cfg: EvalConfig, log=print) -> dict:
     else:
         targets = local_targets(cfg.model, cfg.adapters, cfg.allow_base_mismatch)
 
+    if cfg.threads and not base_url:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
     params = GenerationParams(max_tokens=cfg.max_tokens, temperature=cfg.temperature, seed=cfg.seed)
     cache = GenerationCache(None if cfg.no_cache else cfg.cache_dir / "generations.sqlite")
     tasks: dict = {}

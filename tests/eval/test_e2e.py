@@ -13,19 +13,12 @@ from tests.helpers.adapters import make_lora_adapter
 from tests.helpers.server import start_server
 
 REFS = [
-    {
-        "messages": [
-            {"role": "user", "content": "What is the weather like?"},
-            {"role": "assistant", "content": "Arr, matey! Clear skies and a fair wind."},
-        ]
-    },
-    {"instruction": "Recommend a book.", "output": "Arr, read Treasure Island, a fine pirate tale!"},
-    {
-        "conversations": [
-            {"from": "human", "value": "What is your name?"},
-            {"from": "gpt", "value": "Captain Redbeard, scourge o' the seas, arr!"},
-        ]
-    },
+    {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+    for q, a in [
+        ("What is the weather like?", "Arr, matey! Clear skies and a fair wind."),
+        ("Recommend a book.", "Arr, read Treasure Island, a fine pirate tale!"),
+        ("What is your name?", "Captain Redbeard, scourge o' the seas, arr!"),
+    ]
 ]
 
 
@@ -69,10 +62,9 @@ def test_local_base_vs_adapter_report_and_cached_rerun(tmp_path, adapter, ref):
         assert mc["n"] == 2 and mc["chat_template"] is False and 0 <= mc["metrics"]["acc"]["value"] <= 1
         assert gen["n"] == 2 and gen["chat_template"] is True and "contains" in gen["metrics"]
         style = res["style"]["targets"][name]
-        assert style["chrf"]["n"] == 3 and {"rouge_l", "embedding_sim", "style_proba", "distinct_2"} <= set(
-            style
-        )
-        assert res["throughput"][name]["generation"]["samples"] == 3
+        assert style["chrf"]["n"] == 2  # --limit caps the reference prompts too
+        assert {"rouge_l", "embedding_sim", "style_proba", "distinct_2"} <= set(style)
+        assert res["throughput"][name]["generation"]["samples"] == 2
     # the adapter changes the model: its log-likelihoods differ from the base's
     base_ll = [
         json.loads(x)["response"] for x in (out / "samples/task-demo_mc-base.jsonl").read_text().splitlines()
@@ -82,7 +74,7 @@ def test_local_base_vs_adapter_report_and_cached_rerun(tmp_path, adapter, ref):
         for x in (out / "samples/task-demo_mc-pirate.jsonl").read_text().splitlines()
     ]
     assert base_ll != ad_ll
-    assert res["style"]["classifier"]["cv_folds"] == 3
+    assert res["style"]["classifier"]["cv_folds"] == 2
     for f in ("report.md", "report.html", "tasks.png", "style.png", "throughput.png"):
         assert (out / f).stat().st_size > 0
     assert "pirate" in (out / "report.html").read_text()
@@ -90,7 +82,7 @@ def test_local_base_vs_adapter_report_and_cached_rerun(tmp_path, adapter, ref):
     assert main(args) == 2  # refuses to overwrite
     assert main([*args, "--overwrite"]) == 0
     again = json.loads((out / "results.json").read_text())
-    assert all(again["throughput"][n]["generation"]["cached"] == 3 for n in ("base", "pirate"))
+    assert all(again["throughput"][n]["generation"]["cached"] == 2 for n in ("base", "pirate"))
     assert again["style"]["targets"]["pirate"]["chrf"] == res["style"]["targets"]["pirate"]["chrf"]
     assert again["tasks"]["pirate"]["demo_mc"]["metrics"] == res["tasks"]["pirate"]["demo_mc"]["metrics"]
 

@@ -19,45 +19,62 @@ def _jsonl(path: Path, rows: list) -> Path:
     return path
 
 
-def test_reads_alpaca_sharegpt_and_openai_rows(tmp_path):
-    rows = [
-        {
-            "instruction": "Translate",
-            "input": "hi",
-            "output": "salut",
-            "system": "Be brief.",
-            "history": [["q0", "a0"]],
-        },
-        {"conversations": [{"from": "human", "value": "你是谁？"}, {"from": "gpt", "value": "我是黄帝。"}]},
-        {
-            "messages": [
-                {"role": "system", "content": "S"},
-                {"role": "user", "content": "U"},
-                {"role": "assistant", "content": "A"},
-            ]
-        },
-    ]
-    ex = read_reference_set(_jsonl(tmp_path / "r.jsonl", rows))
-    assert [e.reference for e in ex] == ["salut", "我是黄帝。", "A"]
+def test_reads_alpaca_sharegpt_and_openai_files(tmp_path):
+    alpaca = {
+        "instruction": "Translate",
+        "input": "hi",
+        "output": "salut",
+        "system": "Be brief.",
+        "history": [["q0", "a0"]],
+    }
+    sharegpt = {
+        "conversations": [{"from": "human", "value": "你是谁？"}, {"from": "gpt", "value": "我是黄帝。"}]
+    }
+    openai = {
+        "messages": [
+            {"role": "system", "content": "S"},
+            {"role": "user", "content": "U"},
+            {"role": "assistant", "content": "A"},
+        ]
+    }
+    ex = read_reference_set(_jsonl(tmp_path / "a.jsonl", [alpaca, alpaca]), limit=1)
+    assert len(ex) == 1 and ex[0].reference == "salut" and ex[0].row == 1
     assert ex[0].chat() == [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "q0"},
         {"role": "assistant", "content": "a0"},
         {"role": "user", "content": "Translate\nhi"},
     ]
-    assert ex[1].prompt == "你是谁？" and ex[2].messages[0] == ("system", "S")
-    (tmp_path / "r.json").write_text(json.dumps(rows))
-    assert len(read_reference_set(tmp_path / "r.json", limit=2)) == 2
+    (tmp_path / "s.json").write_text(json.dumps([sharegpt], ensure_ascii=False))
+    (s,) = read_reference_set(tmp_path / "s.json")
+    assert s.prompt == "你是谁？" and s.reference == "我是黄帝。"
+    (o,) = read_reference_set(_jsonl(tmp_path / "o.jsonl", [openai]))
+    assert o.messages == (("system", "S"), ("user", "U")) and o.reference == "A"
+
+
+def test_uses_the_dataset_info_column_mapping_beside_the_file(tmp_path):
+    rows = [{"sys": "用四郎的口吻回答问题", "q": "你是谁？", "a": "朕乃大清天子。"}]
+    (tmp_path / "persona.json").write_text(json.dumps(rows, ensure_ascii=False))
+    info = {
+        "persona": {"file_name": "persona.json", "columns": {"query": "q", "response": "a", "system": "sys"}}
+    }
+    (tmp_path / "dataset_info.json").write_text(json.dumps(info))
+    (ex,) = read_reference_set(tmp_path / "persona.json")
+    assert ex.chat() == [
+        {"role": "system", "content": "用四郎的口吻回答问题"},
+        {"role": "user", "content": "你是谁？"},
+    ]
+    assert ex.reference == "朕乃大清天子。"
 
 
 @pytest.mark.parametrize(
     ("content", "message"),
     [
         ("", "is empty"),
-        ('{"instruction": "x", "output": "y"}\n{oops\n', "line 2 is not valid JSON"),
-        ('{"foo": 1}\n', "row 1: unknown format"),
-        ('{"instruction": "x", "output": "  "}\n', "row 1: the reference (last assistant) reply is empty"),
-        ('{"messages": [{"role": "user", "content": "x"}]}\n', "row 1: needs a user turn followed by"),
+        ('{"instruction": "x", "output": "y"}\n{oops\n', ":2:2: bad JSON"),
+        ('{"foo": 1}\n', ":1: cannot tell the format from the columns ['foo']"),
+        ('{"instruction": "x", "output": ""}\n', ":1: empty output (column 'output')"),
+        ('{"messages": [{"role": "user", "content": "x"}]}\n', ":1: missing output"),
     ],
 )
 def test_reference_set_errors_name_file_and_row(tmp_path, content, message):
