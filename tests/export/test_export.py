@@ -176,3 +176,14 @@ def test_corrupted_gguf_tensor_fails_verification(tmp_path, small_llama_adapter)
     assert "gguf[f32].max_abs_logit_diff" in info.value.failed
     assert "merged.max_abs_logit_diff" not in info.value.failed
     assert not out.exists()
+
+
+def test_base_with_other_weights_than_the_manifest_records_is_refused(tmp_path, small_llama, capsys):
+    from tests.helpers.adapters import make_lora_adapter
+
+    adapter = make_lora_adapter(small_llama, tmp_path / "a", seed=3)
+    manifest = {"base_model": {"name": str(small_llama), "path": str(small_llama), "sha256": "0" * 64}}
+    (adapter / "run_manifest.json").write_text(json.dumps(manifest))
+    assert main(["--adapter", str(adapter), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "sha256 000000000000" in err and str(small_llama) in err

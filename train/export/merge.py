@@ -92,7 +92,23 @@ def resolve_base(specs: list[AdapterSpec], base: str | None = None) -> ResolvedM
                 f"adapter {spec.name!r} was trained on {recorded_base(spec)!r} but the export base is "
                 f"{name!r} ({resolved.path}); export it on its own base or pass --base"
             ) from exc
+        _check_base_checksum(spec, resolved)
     return resolved
+
+
+def _check_base_checksum(spec: AdapterSpec, base: ResolvedModel) -> None:
+    """llm-train records the sha256 of the base weights; a base with other weights under the same name fails."""
+    recorded = ((spec.manifest or {}).get("base_model") or {}).get("sha256")
+    if not recorded or not isinstance(recorded, str):
+        return
+    from train.manifest import model_sha256
+
+    actual = model_sha256(base.path)
+    if actual and actual != recorded:
+        raise ExportError(
+            f"adapter {spec.name!r} was trained on base weights with sha256 {recorded[:12]}… but "
+            f"{base.path} has {actual[:12]}…; export it on the base it was trained on (--base)"
+        )
 
 
 def plan_merge(adapter_args: list[str], base: str | None = None) -> MergePlan:
@@ -127,7 +143,11 @@ def _manifest_template(spec: AdapterSpec) -> str | None:
 def _manifest_system(spec: AdapterSpec) -> str | None:
     manifest = spec.manifest or {}
     for key in ("system", "default_system"):
-        value = manifest.get(key) or (manifest.get("hyperparameters") or {}).get(key)
+        value = (
+            manifest.get(key)
+            or (manifest.get("hyperparameters") or {}).get(key)
+            or (manifest.get("template") if isinstance(manifest.get("template"), dict) else {}).get(key)
+        )
         if isinstance(value, str) and value.strip():
             return value
     return None
