@@ -78,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     base_id = config.served_model_name or model.served_id
 
     def make_served(eng) -> ServedModels:
-        return ServedModels(base_id, str(model.path), adapters, eng.tokenizer)
+        return ServedModels(
+            base_id, str(model.path), adapters, eng.tokenizer, aliases=(config.model, model.served_id)
+        )
 
     mount_ui = None
     if config.ui:

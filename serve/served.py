@@ -24,13 +24,22 @@ class ServedModel:
 
 
 class ServedModels:
-    def __init__(self, base_id: str, base_root: str, adapters: list[AdapterSpec], tokenizer):
+    def __init__(
+        self,
+        base_id: str,
+        base_root: str,
+        adapters: list[AdapterSpec],
+        tokenizer,
+        aliases: tuple[str, ...] = (),
+    ):
         self.tokenizer = tokenizer
         base_eos = base_eos_ids(tokenizer)
         self.base = ServedModel(
             base_id, None, base_root, None, getattr(tokenizer, "chat_template", None), base_eos
         )
         self._by_id: dict[str, ServedModel] = {base_id: self.base}
+        # Other names the base answers to (e.g. `default`), not listed in /v1/models.
+        self._aliases = {a: self.base for a in aliases if a and a != base_id}
         for spec in adapters:
             eos = list(base_eos)
             for tid in _template_eos_ids(spec, tokenizer):
@@ -52,7 +61,7 @@ class ServedModels:
         if not model_id:
             return self.base
         try:
-            return self._by_id[model_id]
+            return self._by_id.get(model_id) or self._aliases[model_id]
         except KeyError:
             raise NotFoundError(
                 f"The model `{model_id}` does not exist. Available models: {', '.join(self._by_id)}",

@@ -73,7 +73,7 @@ def start_server(
     args: list[str],
     env: dict | None = None,
     *,
-    timeout: float = 240,
+    timeout: float = 600,
     ready_path: str = "/ready",
     executable: str | None = None,
 ) -> ServerProcess:

@@ -12,7 +12,10 @@ def tokenizer(default_model):
     return AutoTokenizer.from_pretrained(default_model.path)
 
 
-@pytest.mark.parametrize("text", ["Hello, world! The capital of France is Paris.", "用四郎的口吻回答问题：朕知道了。", "emoji 🎉 ok"])
+@pytest.mark.parametrize(
+    "text",
+    ["Hello, world! The capital of France is Paris.", "用四郎的口吻回答问题：朕知道了。", "emoji 🎉 ok"],
+)
 def test_streamed_text_equals_full_decode(tokenizer, text):
     ids = tokenizer.encode(text, add_special_tokens=False)
     detok = IncrementalDetokenizer(tokenizer)

@@ -132,7 +132,9 @@ def test_long_prompt_is_chunked_and_stop_and_abort(tiny_model_dir):
         stop_params = SamplingParams(max_tokens=5, temperature=0, stop_token_ids=[whole[0]])
         [(stopped, outs)] = await run_all(engine, [GenerationRequest("stop", long_ids, stop_params)])
         # Abort: closing the stream frees the slot at once.
-        gen = engine.generate(GenerationRequest("abort", long_ids, SamplingParams(max_tokens=10_000, temperature=0)))
+        gen = engine.generate(
+            GenerationRequest("abort", long_ids, SamplingParams(max_tokens=10_000, temperature=0))
+        )
         await gen.__anext__()
         await gen.aclose()
         for _ in range(100):
@@ -154,7 +156,12 @@ def test_seeded_sampling_is_reproducible(tiny_model_dir):
         engine = make_engine(tiny_model_dir, {}, max_num_seqs=4)
         await engine.start()
         ids = engine.tokenizer.encode("Once upon a time")
-        mk = lambda rid, seed: GenerationRequest(rid, ids, SamplingParams(max_tokens=8, temperature=1.0, top_p=0.9, seed=seed))  # noqa: E731
+
+        def mk(rid, seed):
+            return GenerationRequest(
+                rid, ids, SamplingParams(max_tokens=8, temperature=1.0, top_p=0.9, seed=seed)
+            )
+
         res = await run_all(engine, [mk("x", 7), mk("y", 7), mk("z", 8)])
         await engine.shutdown()
         return [r[0] for r in res]

@@ -9,7 +9,9 @@ MSG = [{"role": "user", "content": "hi"}]
 
 
 def test_chat_defaults_and_sampling_params():
-    req = ChatCompletionRequest(model="m", messages=MSG, temperature=0, stop="END", seed=3, max_completion_tokens=7)
+    req = ChatCompletionRequest(
+        model="m", messages=MSG, temperature=0, stop="END", seed=3, max_completion_tokens=7
+    )
     params = req.to_sampling_params(max_tokens=7, stop_token_ids=[2])
     assert params.greedy and params.stop == ["END"] and params.stop_token_ids == [2] and params.seed == 3
     assert req.requested_max_tokens() == 7
@@ -18,7 +20,15 @@ def test_chat_defaults_and_sampling_params():
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("temperature", 2.5), ("top_p", 0), ("n", 0), ("n", 99), ("max_tokens", 0), ("presence_penalty", 3), ("top_logprobs", 21)],
+    [
+        ("temperature", 2.5),
+        ("top_p", 0),
+        ("n", 0),
+        ("n", 99),
+        ("max_tokens", 0),
+        ("presence_penalty", 3),
+        ("top_logprobs", 21),
+    ],
 )
 def test_chat_rejects_out_of_range(field, value):
     with pytest.raises(ValidationError) as info:
@@ -40,9 +50,13 @@ def test_chat_rejects_bad_messages_and_stop():
 
 
 def test_chat_message_text_parts():
-    req = ChatCompletionRequest(messages=[{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}])
+    req = ChatCompletionRequest(
+        messages=[{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
+    )
     assert req.messages[0].text() == "ab"
-    img = ChatCompletionRequest(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}])
+    img = ChatCompletionRequest(
+        messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]
+    )
     with pytest.raises(ValueError, match="image_url"):
         img.messages[0].text()
 

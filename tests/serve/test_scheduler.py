@@ -15,7 +15,10 @@ def test_admits_up_to_max_num_seqs_and_chunks_long_prompts():
         s.add(x)
     plan = s.schedule()
     assert [x.request.request_id for x in s.running] == ["a", "b"] and list(s.waiting) == [c]
-    assert [(ch.seq.request.request_id, ch.start, ch.length) for ch in plan.prefill] == [("a", 0, 5), ("b", 0, 3)]
+    assert [(ch.seq.request.request_id, ch.start, ch.length) for ch in plan.prefill] == [
+        ("a", 0, 5),
+        ("b", 0, 3),
+    ]
     assert plan.prefill[0].completes_prompt and not plan.prefill[1].completes_prompt
     a.num_computed, b.num_computed = 5, 3
     a.output_ids.append(7)
@@ -26,7 +29,9 @@ def test_admits_up_to_max_num_seqs_and_chunks_long_prompts():
 
 def test_remove_compacts_slots():
     moves = []
-    s = Scheduler(max_num_seqs=3, max_batched_tokens=64, move_slot=lambda src, dst, n: moves.append((src, dst, n)))
+    s = Scheduler(
+        max_num_seqs=3, max_batched_tokens=64, move_slot=lambda src, dst, n: moves.append((src, dst, n))
+    )
     a, b, c = seq(2, "a"), seq(2, "b"), seq(4, "c")
     for x in (a, b, c):
         s.add(x)
