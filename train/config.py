@@ -1,0 +1,137 @@
+"""The typed `llm-train` configuration: LLaMA-Factory's YAML keys plus our defaults and checks.
+
+A config is a LLaMA-Factory training YAML. Keys this model names are typed and checked before
+anything heavy loads; every other key passes through to LLaMA-Factory unchanged. Precedence:
+`key=value` on the command line over the YAML over these defaults.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Stage = Literal["sft", "pt", "dpo", "kto", "rm"]
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the key and what to do."""
+
+
+class TrainConfig(BaseModel):
+    """One training run. Unknown keys are LLaMA-Factory arguments and are passed through."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    model_name_or_path: str = Field(
+        "default", description="`default`, a local HF checkpoint dir or a .gguf file"
+    )
+    stage: Stage = Field(
+        "sft", description="training stage: sft, pt (pre-training), dpo, kto or rm (reward model)"
+    )
+    finetuning_type: Literal["lora", "full", "freeze"] = Field("lora", description="what is trained")
+    dataset: str = Field(..., description="comma-separated dataset names from dataset_dir/dataset_info.json")
+    dataset_dir: str = Field(
+        "data", description="directory holding dataset_info.json, relative to the config file"
+    )
+    eval_dataset: str | None = Field(
+        None, description="datasets for evaluation during training (instead of val_size)"
+    )
+    val_size: float = Field(
+        0.0, ge=0, description="held-out share (<1) or row count (>=1) of dataset for eval"
+    )
+    eval_steps: int | None = Field(
+        None, gt=0, description="evaluate every N steps (default: 5 evaluations per run)"
+    )
+    early_stopping_steps: int | None = Field(
+        None,
+        gt=0,
+        description="stop after N evaluations without a lower eval loss (needs val_size or eval_dataset)",
+    )
+    template: str | None = Field(
+        None, description="LLaMA-Factory chat template; default: the one matching the model"
+    )
+    default_system: str | None = Field(None, description="system prompt used when a row has none")
+    output_dir: str = Field(..., description="where the adapter (or full model) and run_manifest.json end up")
+    cutoff_len: int = Field(1024, gt=0, description="truncate samples to this many tokens")
+    max_samples: int | None = Field(None, gt=0, description="use at most this many rows per dataset")
+    per_device_train_batch_size: int = Field(4, gt=0, description="samples per step and device")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="steps accumulated per optimizer update")
+    learning_rate: float = Field(1e-4, gt=0, description="peak learning rate")
+    num_train_epochs: float = Field(3.0, gt=0, description="epochs over the data (max_steps wins when set)")
+    max_steps: int = Field(-1, description="stop after this many optimizer steps (-1: use num_train_epochs)")
+    lr_scheduler_type: str = Field("cosine", description="learning-rate schedule")
+    warmup_ratio: float = Field(0.0, ge=0, le=1, description="share of steps spent warming up")
+    lora_rank: int = Field(8, gt=0, description="LoRA rank")
+    lora_alpha: int | None = Field(None, gt=0, description="LoRA alpha (default: 2 * lora_rank)")
+    lora_target: str = Field("all", description="modules LoRA adapts: `all` or comma-separated names")
+    logging_steps: int = Field(1, gt=0, description="log loss every N steps (the progress bar reads these)")
+    save_steps: int = Field(50, gt=0, description="save a resumable checkpoint every N steps")
+    save_total_limit: int = Field(2, gt=0, description="checkpoints kept while training")
+    seed: int = Field(42, description="random seed")
+    quantization_bit: int | None = Field(None, description="QLoRA: 4 or 8 (needs a CUDA GPU)")
+    bf16: bool = Field(False, description="bfloat16 training (GPU only: emulated and ~6x slower on CPU)")
+    fp16: bool = Field(False, description="float16 mixed precision (GPU only)")
+    deepspeed: str | None = Field(None, description="DeepSpeed JSON (set by --deepspeed)")
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.early_stopping_steps and not (self.val_size or self.eval_dataset):
+            raise ValueError(
+                "early_stopping_steps needs an evaluation set: set val_size (e.g. 0.1) or eval_dataset"
+            )
+        if self.val_size and self.eval_dataset:
+            raise ValueError("give either val_size or eval_dataset, not both")
+        if self.quantization_bit is not None and self.finetuning_type != "lora":
+            raise ValueError("quantization_bit (QLoRA) only works with finetuning_type: lora")
+        return self
+
+    @property
+    def does_eval(self) -> bool:
+        return bool(self.val_size or self.eval_dataset)
+
+    def dataset_names(self, which: str = "dataset") -> list[str]:
+        value = getattr(self, which) or ""
+        return [n.strip() for n in value.split(",") if n.strip()]
+
+    def extra_keys(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`key=value` with the value read as YAML (`3` is an int, `true` a bool, `a,b` a string)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} must look like key=value, e.g. max_steps=10")
+    return key.strip(), yaml.safe_load(value) if value else None
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML config, apply `key=value` overrides and check it; raises ConfigError naming the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config {path} not found; the examples are in configs/train/")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: must be a mapping of LLaMA-Factory keys to values")
+    for text in overrides or []:
+        key, value = parse_override(text)
+        raw[key] = value
+    # A relative dataset_dir is looked up next to the config file first (configs work from any working
+    # directory), then in the working directory as LLaMA-Factory does.
+    dataset_dir = Path(str(raw.get("dataset_dir", "data"))).expanduser()
+    if not dataset_dir.is_absolute() and (path.parent / dataset_dir).is_dir():
+        raw["dataset_dir"] = str(path.parent / dataset_dir)
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in exc.errors()
+        )
+        raise ConfigError(f"{path}: {problems}") from exc

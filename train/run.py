@@ -1,0 +1,402 @@
+"""One `llm-train` run: check everything, train in a staging dir beside output_dir, then publish.
+
+`plan_run` does all checks that raise before a model loads (config, base model, every row of every
+dataset, the chat template token for token) and builds LLaMA-Factory's arguments. `execute` trains
+into `.NAME.partial/` next to output_dir, shows progress, and on success writes the loss plot and
+`run_manifest.json`, drops intermediate checkpoints and renames the directory into place. An
+interrupted run (Ctrl-C, SIGTERM) leaves its last checkpoint in the staging dir for `--resume`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from train.config import TrainConfig
+from train.launch import (
+    Launch,
+    command,
+    deepspeed_config,
+    environment,
+    estimate_steps,
+    has_cuda,
+    llamafactory_args,
+)
+from train.manifest import MANIFEST, build_manifest, file_sha256, read_trainer_log, write_json_atomic
+from train.worker import INTERRUPTED_EXIT
+
+RESOLVED_CONFIG = "llm_train_config.yaml"
+TRAIN_LOG = "train.log"
+STAGE_NEEDS = {"dpo": "ranking", "rm": "ranking", "kto": "kto"}
+
+
+class TrainError(RuntimeError):
+    """Training could not start or did not finish; the message says what to do."""
+
+
+class DatasetProblems(ValueError):
+    """Rows of the configured datasets do not fit their format (one `FILE:ROW: reason` per line)."""
+
+
+class Interrupted(TrainError):
+    """The run was stopped by a signal and left a resumable checkpoint."""
+
+
+@dataclass
+class Options:
+    overwrite: bool = False
+    resume: bool = False
+    dry_run: bool = False
+    allow_template_mismatch: bool = False
+    keep_checkpoints: bool = False
+    progress: bool = True
+    launch: Launch = field(default_factory=Launch)
+
+
+@dataclass
+class Plan:
+    cfg: TrainConfig
+    base_name: str
+    base_path: Path
+    output_dir: Path
+    staging: Path
+    template: dict[str, Any]
+    datasets: list[dict[str, Any]]
+    lf_args: dict[str, Any]
+    argv: list[str]
+    env: dict[str, str]
+    command_line: list[str]
+
+    @property
+    def config_path(self) -> Path:
+        return self.staging / RESOLVED_CONFIG
+
+    def resolved_yaml(self) -> str:
+        return yaml.safe_dump(self.lf_args, allow_unicode=True, sort_keys=False)
+
+
+def staging_dir(output_dir: Path) -> Path:
+    return output_dir.parent / f".{output_dir.name}.partial"
+
+
+def last_complete_checkpoint(run_dir: Path) -> Path | None:
+    """The highest `checkpoint-N` whose trainer_state.json (written last by the trainer) parses."""
+    found = []
+    for path in run_dir.glob("checkpoint-*"):
+        try:
+            step = int(path.name.split("-", 1)[1])
+            json.loads((path / "trainer_state.json").read_text())
+        except (ValueError, OSError):
+            continue
+        if any(path.glob("*.safetensors")):
+            found.append((step, path))
+    return max(found)[1] if found else None
+
+
+def check_datasets(cfg: TrainConfig, dataset_dir: Path) -> tuple[list[dict[str, Any]], list[list[dict]], int]:
+    """Validate every row of every dataset; returns manifest entries, sample chats and training rows."""
+    from train.data.entry import find_entry
+    from train.data.validate import validate_file
+
+    problems: list[str] = []
+    entries: list[dict[str, Any]] = []
+    chats: list[list[dict]] = []
+    train_rows = 0
+    for split in ("dataset", "eval_dataset"):
+        for name in cfg.dataset_names(split):
+            entry, path = find_entry(dataset_dir, name)
+            report = validate_file(path, entry=entry, stage=cfg.stage)
+            need = STAGE_NEEDS.get(cfg.stage)
+            if need == "ranking" and not entry.ranking:
+                problems.append(
+                    f"{path}: stage {cfg.stage} needs preference data (chosen/rejected, ranking: true)"
+                )
+            elif need == "kto" and not entry.column("kto_tag"):
+                problems.append(f"{path}: stage kto needs a boolean label column (columns.kto_tag)")
+            elif need is None and entry.ranking:
+                problems.append(
+                    f"{path}: preference data (ranking: true) needs stage dpo or rm, not {cfg.stage}"
+                )
+            problems += [str(p) for p in report.problems]
+            if report.samples and report.samples[0][1].text is None:
+                chats.append(report.samples[0][1].conversation())
+            if split == "dataset":
+                train_rows += len(report.samples)
+            entries.append(
+                {
+                    "name": name,
+                    "split": "train" if split == "dataset" else "eval",
+                    "file": str(path.resolve()),
+                    "sha256": file_sha256(path),
+                    "format": report.format,
+                    "rows": len(report.samples),
+                }
+            )
+    if problems:
+        shown = "\n".join(problems[:30])
+        more = f"\n... and {len(problems) - 30} more" if len(problems) > 30 else ""
+        raise DatasetProblems(
+            f"{len(problems)} dataset problems (check with `llm-data validate FILE`):\n{shown}{more}"
+        )
+    return entries, chats, train_rows
+
+
+def resolve_template(
+    cfg: TrainConfig, model_path: Path, chats: list[list[dict]], allow_mismatch: bool
+) -> dict:
+    """Choose or check the template on the probes plus one real sample; a mismatch raises unless allowed."""
+    os.environ.setdefault("LLAMAFACTORY_VERBOSITY", "WARN")
+    from transformers import AutoTokenizer
+
+    from train.template import PROBES, TemplateMismatchError, check_template, choose_template
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+    probes = PROBES + chats[:1]
+    if cfg.default_system is not None:  # the user's default only applies to rows without a system prompt
+        probes = [c for c in probes if c and c[0]["role"] == "system"]
+    info: dict[str, Any] = {"chat_template": getattr(tokenizer, "chat_template", None)}
+    try:
+        if cfg.template is None:
+            choice = choose_template(tokenizer, probes, str(model_path))
+        else:
+            choice = check_template(tokenizer, cfg.template, cfg.default_system, probes)
+    except TemplateMismatchError as exc:
+        if not allow_mismatch:
+            raise TemplateMismatchError(
+                f"{exc}\nAn adapter trained this way is served with a different prompt format. Remove `template:` "
+                "to let llm-train pick the matching one, or pass --allow-template-mismatch to train anyway"
+            ) from exc
+        print(f"llm-train: warning: {exc} (allowed by --allow-template-mismatch)", file=sys.stderr)
+        return {
+            **info,
+            "name": cfg.template,
+            "default_system": cfg.default_system,
+            "matches_tokenizer": False,
+        }
+    default_system = cfg.default_system if cfg.default_system is not None else choice.default_system
+    return {
+        **info,
+        "name": choice.name,
+        "default_system": default_system,
+        "matches_tokenizer": True,
+        "keeps_tokenizer_template": choice.keeps_tokenizer_template,
+    }
+
+
+def plan_run(cfg: TrainConfig, opts: Options, command_line: list[str]) -> Plan:
+    """Everything that can fail before a model loads; raises ConfigError/DatasetProblems/TemplateMismatchError."""
+    from serve.models import resolve_model
+
+    opts.launch.check()
+    output_dir = Path(cfg.output_dir).expanduser().resolve()
+    staging = staging_dir(output_dir)
+    resume_from = None
+    if not opts.dry_run:
+        resume_from = _check_output_state(output_dir, staging, opts)
+    model = resolve_model(cfg.model_name_or_path)
+    dataset_dir = Path(cfg.dataset_dir).expanduser().resolve()
+    datasets, chats, rows = check_datasets(cfg, dataset_dir)
+    template = resolve_template(cfg, model.path, chats, opts.allow_template_mismatch)
+    cpu = not has_cuda()
+    world = opts.launch.nproc_per_node * opts.launch.nnodes
+    lf_args = llamafactory_args(
+        cfg,
+        model_path=model.path,
+        output_dir=staging,
+        dataset_dir=dataset_dir,
+        template=template["name"],
+        default_system=template.get("default_system"),
+        cpu=cpu and not opts.launch.distributed,
+        estimated_steps=estimate_steps(cfg, rows, world),
+        resume_from=resume_from,
+        deepspeed=deepspeed_config(opts.launch.deepspeed) if opts.launch.deepspeed else None,
+    )
+    if cpu and not opts.launch.distributed and cfg.bf16:
+        print("llm-train: bf16 is emulated on CPU (~6x slower); training in float32", file=sys.stderr)
+    plan = Plan(
+        cfg=cfg,
+        base_name=cfg.model_name_or_path,
+        base_path=model.path,
+        output_dir=output_dir,
+        staging=staging,
+        template={k: v for k, v in template.items() if k != "chat_template"},
+        datasets=datasets,
+        lf_args=lf_args,
+        argv=[],
+        env=environment(cpu, opts.launch),
+        command_line=command_line,
+    )
+    plan.template["chat_template_sha256"] = _text_sha(template.get("chat_template"))
+    plan.argv = command(plan.config_path, opts.launch)
+    return plan
+
+
+def _check_output_state(output_dir: Path, staging: Path, opts: Options) -> Path | None:
+    """Refuse to clobber outputs; find the checkpoint to resume from. Returns it (or None)."""
+    if opts.resume:
+        checkpoint = last_complete_checkpoint(staging) if staging.is_dir() else None
+        if checkpoint is None:
+            where = (
+                f"{staging} has no complete checkpoint"
+                if staging.is_dir()
+                else f"no interrupted run at {staging}"
+            )
+            raise TrainError(f"nothing to resume: {where}; start a new run without --resume")
+        return checkpoint
+    if output_dir.exists() and any(output_dir.iterdir()) and not opts.overwrite:
+        raise TrainError(
+            f"output_dir {output_dir} is not empty; pass --overwrite to replace it (the old contents stay until "
+            "the new run completes) or choose another output_dir"
+        )
+    if staging.exists():
+        if last_complete_checkpoint(staging) is not None and not opts.overwrite:
+            raise TrainError(
+                f"an interrupted run is in {staging}; pass --resume to continue it or --overwrite to start over"
+            )
+        shutil.rmtree(staging)
+    return None
+
+
+def _text_sha(text: str | None) -> str | None:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest() if text else None
+
+
+def execute(plan: Plan, opts: Options) -> Path:
+    """Train, then publish the staging dir as output_dir. Raises Interrupted or TrainError."""
+    plan.staging.mkdir(parents=True, exist_ok=True)
+    plan.config_path.write_text(plan.resolved_yaml(), encoding="utf-8")
+    rc = _run_with_progress(plan, opts)
+    if rc == INTERRUPTED_EXIT or rc == -signal.SIGTERM or rc == -signal.SIGINT:
+        checkpoint = last_complete_checkpoint(plan.staging)
+        kept = f"checkpoint {checkpoint} kept" if checkpoint else "no checkpoint was completed"
+        raise Interrupted(f"training interrupted; {kept}. Continue with the same command plus --resume")
+    if rc != 0:
+        log = plan.staging / TRAIN_LOG
+        tail = "\n".join(log.read_text(encoding="utf-8", errors="replace").splitlines()[-25:])
+        raise TrainError(f"LLaMA-Factory exited with status {rc}; last lines of {log}:\n{tail}")
+    if opts.launch.distributed and opts.launch.node_rank != 0:
+        return plan.output_dir
+    return finalize(plan, keep_checkpoints=opts.keep_checkpoints)
+
+
+def _run_with_progress(plan: Plan, opts: Options) -> int:
+    from train.progress import ProgressBar, TrainerLogTail
+
+    env = {**os.environ, **plan.env}
+    with open(plan.staging / TRAIN_LOG, "a", encoding="utf-8") as log:
+        log.write(f"$ {' '.join(plan.argv)}\n")
+        log.flush()
+        # Own process group: a terminal Ctrl-C reaches only llm-train, which forwards exactly one
+        # SIGTERM, so the worker saves a checkpoint instead of dying mid-step.
+        proc = subprocess.Popen(
+            plan.argv, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_child_setup
+        )
+        stops = 0
+
+        def forward(signum, frame):
+            nonlocal stops
+            stops += 1
+            proc.send_signal(signal.SIGTERM if stops == 1 else signal.SIGINT)
+
+        old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+        bar = ProgressBar(enabled=opts.progress)
+        tail = TrainerLogTail(plan.staging / "trainer_log.jsonl")
+        try:
+            while proc.poll() is None:
+                for row in tail.read_new():
+                    bar.update(row)
+                time.sleep(0.5)
+            for row in tail.read_new():
+                bar.update(row)
+        finally:
+            bar.close()
+            for s, handler in old.items():
+                signal.signal(s, handler)
+            if proc.poll() is None:
+                proc.kill()
+    return proc.returncode
+
+
+def _child_setup() -> None:
+    os.setpgrp()
+    try:  # Linux: if llm-train dies (even by SIGKILL) the worker gets SIGTERM and checkpoints
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def finalize(plan: Plan, *, keep_checkpoints: bool = False) -> Path:
+    """Check the product, write plot and manifest, drop checkpoints, rename staging into output_dir."""
+    from train.plot import plot_loss
+
+    staging = plan.staging
+    lora = plan.cfg.finetuning_type == "lora"
+    needed = ["adapter_config.json", "adapter_model.safetensors"] if lora else ["config.json"]
+    missing = [n for n in needed if not (staging / n).is_file()]
+    if not lora and not any(staging.glob("*.safetensors")):
+        missing.append("*.safetensors")
+    if missing:
+        raise TrainError(
+            f"training ended but {staging} lacks {', '.join(missing)}; see {staging / TRAIN_LOG}"
+        )
+    saved_template = _saved_chat_template(staging)
+    plan.template["saved_with_adapter"] = saved_template is not None
+    plan.template["saved_matches_base"] = _text_sha(saved_template) == plan.template.get(
+        "chat_template_sha256"
+    )
+    if not keep_checkpoints:
+        for checkpoint in staging.glob("checkpoint-*"):
+            shutil.rmtree(checkpoint)
+    plot_loss(
+        read_trainer_log(staging), staging / "loss.png", title=f"{plan.cfg.stage} {plan.output_dir.name}"
+    )
+    manifest = build_manifest(
+        base_name=plan.base_name,
+        base_path=plan.base_path,
+        template=plan.template,
+        datasets=plan.datasets,
+        config=plan.cfg.model_dump(exclude_none=True),
+        lf_args=plan.lf_args,
+        run_dir=staging,
+        output_dir=plan.output_dir,
+        command=plan.command_line,
+    )
+    write_json_atomic(staging / MANIFEST, manifest)
+    publish(staging, plan.output_dir)
+    return plan.output_dir
+
+
+def _saved_chat_template(run_dir: Path) -> str | None:
+    jinja = run_dir / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    cfg = run_dir / "tokenizer_config.json"
+    if cfg.is_file():
+        value = json.loads(cfg.read_text(encoding="utf-8")).get("chat_template")
+        return value if isinstance(value, str) else None
+    return None
+
+
+def publish(staging: Path, output_dir: Path) -> None:
+    """Rename `staging` to `output_dir`; an existing output_dir is swapped out first, then removed."""
+    old = None
+    if output_dir.exists():
+        old = output_dir.parent / f".{output_dir.name}.old-{os.getpid()}"
+        os.replace(output_dir, old)
+    os.replace(staging, output_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
