@@ -147,6 +147,7 @@ def write_dataset_info(dataset_dir: str | os.PathLike, info: dict[str, Any]) -> 
     target = directory / DATASET_INFO
     fd, tmp = tempfile.mkstemp(prefix=".dataset_info.", suffix=".tmp", dir=directory)
     try:
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; these files are meant to be read by others
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(info, f, ensure_ascii=False, indent=2)
             f.write("\n")
