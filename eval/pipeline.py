@@ -21,7 +21,7 @@ from eval.config import EvalConfig
 from eval.generate import GenerationCache, GenerationParams, generate_replies, local_backend, server_backend
 from eval.refdata import read_reference_set
 from eval.report import loss_history, write_report
-from eval.targets import Target, local_targets, normalize_base_url, server_targets
+from eval.targets import Target, check_api_extras, local_targets, normalize_base_url, server_targets
 from eval.tasks import load_suite, plan_tasks, run_local, run_server
 
 
@@ -42,6 +42,8 @@ def run_eval(cfg: EvalConfig, log=print) -> dict:
     plan = _plan(cfg)
     base_url = normalize_base_url(cfg.base_url) if cfg.base_url else None
     if base_url:
+        if plan is not None:
+            check_api_extras()
         targets = server_targets(
             base_url, cfg.api_key, cfg.model if cfg.model != "default" else None, cfg.adapters
         )

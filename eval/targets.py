@@ -92,6 +92,18 @@ def server_targets(
     return targets
 
 
+def check_api_extras() -> None:
+    """lm-eval's API models (local-completions) need lm-eval[api]'s extras; say so before anything runs."""
+    import importlib.util
+
+    missing = [m for m in ("tenacity", "aiohttp") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise TargetError(
+            f"scoring lm-eval tasks on a server needs lm-eval's API extras: install {', '.join(missing)} "
+            "(pip install 'lm-eval[api]')"
+        )
+
+
 def list_server_models(base_url: str, api_key: str | None, timeout: float = 10.0) -> list[dict]:
     """`GET /v1/models`, or TargetError saying the server cannot be reached and what to check."""
     import requests

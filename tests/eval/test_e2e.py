@@ -90,6 +90,7 @@ def test_local_base_vs_adapter_report_and_cached_rerun(tmp_path, adapter, ref):
 @pytest.mark.slow
 @pytest.mark.e2e
 def test_server_local_completions_matches_local_loglikelihoods(tmp_path, adapter, ref, default_model):
+    pytest.importorskip("tenacity", reason="lm-eval's API models need lm-eval[api] (tenacity)")
     common = [
         "--tasks",
         "demo_mc",
