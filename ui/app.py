@@ -154,7 +154,9 @@ def create_ui(
             streamed = started.success(h.stream_turn, [chatbot, meta], [chatbot, meta, msg, error_box])
             streamed.then(h.end_turn, None, [send, stop], queue=False)
             streams.append(streamed)
-        stop.click(h.end_turn, None, [send, stop], cancels=streams, queue=False)
+        stop.click(
+            h.stop_turn, [chatbot, meta], [chatbot, meta, msg, send, stop], cancels=streams, queue=False
+        )
 
         def rate(history: list, meta_: list, like: gr.LikeData) -> str:
             return h.rate(history, meta_, like)

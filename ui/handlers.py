@@ -127,6 +127,15 @@ class Handlers:
     def end_turn(self):
         return _running(False)
 
+    def stop_turn(self, history, meta):
+        """After Stop: keep a partial reply; if none arrived, take the turn out and give the text back."""
+        import gradio as gr
+
+        history = plain(history or [])
+        if len(history) >= 2 and history[-1] == {"role": "assistant", "content": ""}:
+            return (history[:-2], list(meta or [])[:-2], history[-2]["content"], *_running(False))
+        return (history, meta, gr.update(), *_running(False))
+
     def rate(self, history, meta, like: Any):
         """Thumbs up/down on a reply -> one KTO row (`like` is Gradio's LikeData)."""
         if like.liked not in (True, False):

@@ -24,7 +24,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts" / "ui"
 API_KEY = "ui-test-key"
 ADAPTER = "tuned"
-MAX_TOKENS = "12"
+MAX_TOKENS = "8"
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +101,7 @@ def send_and_watch(page, text: str) -> list[str]:
     page.fill("#chat-input textarea", text)
     page.press("#chat-input textarea", "Enter")
     seen: list[str] = []
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         texts = bot_texts(page)
         if len(texts) > before and (not seen or texts[-1] != seen[-1]):
@@ -172,7 +172,16 @@ def test_switch_to_adapter_multi_turn_and_export(page, served):
     assert payload["messages"][3]["content"] == bot_texts(page)[-1]
 
 
-def test_stop_ends_the_stream(page):
+def running_requests(served) -> float:
+    import re
+
+    import httpx
+
+    text = httpx.get(served.base_url + "/metrics", timeout=10).text
+    return float(re.search(r"^llm_serve_running_requests\s+(\S+)", text, re.M).group(1))
+
+
+def test_stop_ends_the_stream(page, served):
     wait_for_models(page)
     box = page.locator('#max-tokens input[type="number"]')
     box.fill("400")
@@ -183,12 +192,18 @@ def test_stop_ends_the_stream(page):
         "(() => { const b = document.querySelectorAll('#chatbot [data-testid=bot]');"
         " return b.length && b[b.length - 1].innerText.length > 20; })()"
     )
+    assert running_requests(served) == 1
     page.click("#stop")
     page.wait_for_selector("#send", state="visible")
     stopped = bot_texts(page)[-1]
     time.sleep(1.5)
     assert bot_texts(page)[-1] == stopped
     assert 20 < len(stopped) < 1200  # 400 tokens would be far longer
+    # Stop closed the HTTP stream, so the server dropped the sequence instead of finishing it.
+    deadline = time.monotonic() + 20
+    while running_requests(served) > 0:
+        assert time.monotonic() < deadline, "server still generating after Stop"
+        time.sleep(0.2)
 
 
 def test_ab_compare_streams_both_and_records_dpo_pair(page, served, tmp_path):
@@ -199,7 +214,7 @@ def test_ab_compare_streams_both_and_records_dpo_pair(page, served, tmp_path):
     assert page.input_value("#right-model input").startswith(ADAPTER)
     page.fill("#ab-input textarea", "Name a colour.")
     page.click("#ab-run")
-    page.wait_for_selector("#left-better:not([disabled])", timeout=120_000)
+    page.wait_for_selector("#left-better:not([disabled])", timeout=180_000)
     left, right = bot_texts(page, "ab-left")[-1], bot_texts(page, "ab-right")[-1]
     assert left.strip() and right.strip()
     screenshot(page, tmp_path, "ab")

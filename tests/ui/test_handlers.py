@@ -162,3 +162,13 @@ def test_create_ui_builds_the_page(tmp_path):
     blocks = create_ui("http://127.0.0.1:1", None, tmp_path)
     ids = {c.get("props", {}).get("elem_id") for c in blocks.config["components"]}
     assert {"chatbot", "model", "stop", "ab-left", "ab-right", "left-better", "export"} <= ids
+
+
+def test_stop_before_any_token_gives_the_text_back(h):
+    _, history, meta, *_ = h.start_turn("first", [], [], "base", "", 0.0, 1.0, 8)
+    history, meta, msg, send, stop = h.stop_turn(history, meta)
+    assert history == [] and meta == [] and msg == "first"
+    assert send["visible"] is True and stop["visible"] is False
+    partial = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "half"}]
+    kept, _, msg, *_ = h.stop_turn(partial, [{}, {"model": "base"}])
+    assert kept == partial and msg["__type__"] == "update"
