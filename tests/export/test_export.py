@@ -187,3 +187,21 @@ def test_base_with_other_weights_than_the_manifest_records_is_refused(tmp_path, 
     assert main(["--adapter", str(adapter), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "sha256 000000000000" in err and str(small_llama) in err
+
+
+def test_unsupported_architecture_fails_before_merging(tmp_path, small_llama_adapter, small_llama, capsys):
+    """No weights load: the GGUF architecture check runs before the merge."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(small_llama, base)
+    config = json.loads((base / "config.json").read_text())
+    config["architectures"] = ["PhiForCausalLM"]
+    (base / "config.json").write_text(json.dumps(config))
+    adapter = shutil.copytree(small_llama_adapter, tmp_path / "adapter")
+    adapter_config = json.loads((adapter / "adapter_config.json").read_text())
+    adapter_config["base_model_name_or_path"] = str(base)
+    (adapter / "adapter_config.json").write_text(json.dumps(adapter_config))
+    rc = main(["--adapter", str(adapter), "--out", str(tmp_path / "o"), "--gguf", "f16"])
+    assert rc == 2
+    assert "PhiForCausalLM" in capsys.readouterr().err

@@ -49,6 +49,7 @@ def run_export(cfg: ExportConfig, after_write: Callable[[str, Path], None] | Non
     out = cfg.out.expanduser().resolve()
     check_output(out, cfg.overwrite)
     plan = plan_merge(cfg.adapters, cfg.base)
+    _fail_fast(cfg, plan)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     umask = os.umask(0)
@@ -65,6 +66,16 @@ def run_export(cfg: ExportConfig, after_write: Callable[[str, Path], None] | Non
         return report
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fail_fast(cfg: ExportConfig, plan) -> None:
+    """Checks that need no weights: an unsupported GGUF architecture or Modelfile template fails in a second."""
+    from train.export import gguf_writer, modelfile
+
+    if cfg.gguf:
+        gguf_writer.read_config(plan.base.path)
+    if cfg.modelfile:
+        modelfile.template_family(plan.chat_template)
 
 
 def _replace(src: Path, dst: Path) -> None:
