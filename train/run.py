@@ -198,6 +198,18 @@ def plan_run(cfg: TrainConfig, opts: Options, command_line: list[str]) -> Plan:
     from serve.models import resolve_model
 
     opts.launch.check()
+    cpu = not has_cuda()
+    if cpu and cfg.quantization_bit is not None and not opts.launch.distributed:
+        llamafactory_args(
+            cfg,
+            model_path=Path(),
+            output_dir=Path(),
+            dataset_dir=Path(),
+            template=None,
+            default_system=None,
+            cpu=True,
+            estimated_steps=1,
+        )  # raises the QLoRA-on-CPU error
     output_dir = Path(cfg.output_dir).expanduser().resolve()
     staging = staging_dir(output_dir)
     resume_from = None
@@ -207,7 +219,6 @@ def plan_run(cfg: TrainConfig, opts: Options, command_line: list[str]) -> Plan:
     dataset_dir = Path(cfg.dataset_dir).expanduser().resolve()
     datasets, chats, rows = check_datasets(cfg, dataset_dir)
     template = resolve_template(cfg, model.path, chats, opts.allow_template_mismatch)
-    cpu = not has_cuda()
     world = opts.launch.nproc_per_node * opts.launch.nnodes
     lf_args = llamafactory_args(
         cfg,
