@@ -23,8 +23,10 @@ import argparse
 import json
 import os
 import platform
+import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -198,13 +200,24 @@ def run_scenario(proc, spec, sc: Scenario, cfg: BenchConfig, tok, base: str) -> 
     return summary
 
 
-def bench_target(target: str, cfg: BenchConfig, model_dir: Path, adapters, tok, logs: Path) -> dict:
+def bench_target(
+    target: str,
+    cfg: BenchConfig,
+    model_dir: Path,
+    adapters,
+    tok,
+    logs: Path,
+    info: dict,
+    save: Callable[[], None],
+) -> None:
+    """Fill `info` with `target`'s figures, calling `save()` after each scenario."""
     spec = spec_for(target, cfg, model_dir, adapters, logs)
     if isinstance(spec, str):
         print(f"[bench] {target}: skipped: {spec}", flush=True)
-        return {"status": "skipped", "error": spec}
+        info.update(status="skipped", error=spec)
+        return
     spec.start_timeout_s = cfg.start_timeout
-    info: dict = {"status": "failed", "cmd": spec.cmd, "notes": spec.notes, "scenarios": {}}
+    info.update(status="running", cmd=spec.cmd, notes=spec.notes, scenarios={})
     print(f"[bench] {target}: starting {' '.join(spec.cmd)}", flush=True)
     proc = peers.ServerProcess(spec, logs / f"{target}.log")
     try:
@@ -226,6 +239,7 @@ def bench_target(target: str, cfg: BenchConfig, model_dir: Path, adapters, tok, 
             )
             summary = run_scenario(proc, spec, sc, cfg, tok, base)
             info["scenarios"][sc.name] = summary
+            save()
             print(
                 f"[bench] {target}: {sc.name}: {summary['output_throughput']:.1f} tok/s, "
                 f"TTFT p50 {summary['ttft_s']['p50'] or 0:.2f} s, {summary['failed']} failed",
@@ -233,11 +247,12 @@ def bench_target(target: str, cfg: BenchConfig, model_dir: Path, adapters, tok, 
             )
         info["status"] = "ok"
     except (peers.PeerError, OSError, ValueError) as exc:
-        info["error"] = str(exc)
+        info.update(status="failed", error=str(exc))
         print(f"[bench] {target}: failed: {str(exc)[:2000]}", file=sys.stderr, flush=True)
     finally:
+        if info["status"] == "running":
+            info["status"] = "interrupted"
         proc.stop()
-    return info
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
@@ -273,13 +288,21 @@ def bench(cfg: BenchConfig) -> tuple[dict, Path]:
         "targets": {},
     }
     started = time.monotonic()
-    for target in cfg.targets:
-        data["targets"][target] = bench_target(target, cfg, model_dir, adapters, tok, logs)
+    print(f"[bench] writing {out_path} (server logs in {logs})", flush=True)
+
+    def save() -> None:  # after every scenario, so an interrupted run keeps what it measured
         data["ratios"] = report.ratios(data["targets"])
         data["adapter_ratios"] = report.adapter_ratios(data["targets"])
         data["checks"] = report.checks(data["targets"])
         data["wall_s"] = time.monotonic() - started
-        write_json_atomic(out_path, data)  # after each target, so a later crash keeps the figures
+        write_json_atomic(out_path, data)
+
+    try:
+        for target in cfg.targets:
+            data["targets"][target] = {}
+            bench_target(target, cfg, model_dir, adapters, tok, logs, data["targets"][target], save)
+    finally:
+        save()
     return data, out_path
 
 
@@ -316,7 +339,14 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
     return BenchConfig(**{k: v for k, v in args.items() if v is not None})
 
 
+def _exit_on_sigterm(signum, frame) -> None:
+    # Unwind like Ctrl-C so every `finally` stops its server: they run in their own sessions and
+    # would otherwise outlive us.
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         cfg = parse_args(argv)
         data, out_path = bench(cfg)
