@@ -152,7 +152,9 @@ def test_preflight_refuses_bad_adapters(tmp_path, adapter_dir):
     assert r.returncode == 2 and "pickled" in r.stderr and "safetensors" in r.stderr
     other = tmp_path / "other"
     other.mkdir()
-    (other / "adapter_model.safetensors").write_bytes((adapter_dir / "adapter_model.safetensors").read_bytes())
+    (other / "adapter_model.safetensors").write_bytes(
+        (adapter_dir / "adapter_model.safetensors").read_bytes()
+    )
     cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
     cfg["base_model_name_or_path"] = "Qwen/Qwen2.5-7B"
     (other / "adapter_config.json").write_text(json.dumps(cfg))
