@@ -103,28 +103,26 @@ def test_server_local_completions_matches_local_loglikelihoods(tmp_path, adapter
     ]
     assert main(["--adapter", f"pirate={adapter}", *common, "--out", str(tmp_path / "local")]) == 0
     with start_server(["--model", "default", "--adapter", f"pirate={adapter}"]) as server:
-        assert (
-            main(
-                [
-                    "--base-url",
-                    server.base_url,
-                    "--adapter",
-                    "pirate",
-                    *common,
-                    "--data",
-                    str(ref),
-                    "--max-tokens",
-                    "8",
-                    "--no-embeddings",
-                    "--out",
-                    str(tmp_path / "srv"),
-                ]
-            )
-            == 0
-        )
+        url = server.base_url
+        served_args = [
+            "--base-url",
+            url,
+            "--adapter",
+            "pirate",
+            *common,
+            "--data",
+            str(ref),
+            "--max-tokens",
+            "8",
+        ]
+        # the base model doubles as the pairwise judge (through the same server)
+        judge = ["--judge-url", url, "--judge-model", "SmolLM2-135M-Instruct"]
+        assert main([*served_args, *judge, "--no-embeddings", "--out", str(tmp_path / "srv")]) == 0
     res = json.loads((tmp_path / "srv" / "results.json").read_text())
     assert [t["kind"] for t in res["targets"]] == ["server", "server"]
     assert res["style"]["targets"]["pirate"]["chrf"]["n"] == 3
+    verdicts = res["judge"]["targets"]["pirate"]
+    assert verdicts["wins"] + verdicts["ties"] + verdicts["losses"] + verdicts["unreadable"] == 3
     for name in ("base", "pirate"):
         local = _loglikelihoods(tmp_path / "local" / f"samples/task-demo_mc-{name}.jsonl")
         served = _loglikelihoods(tmp_path / "srv" / f"samples/task-demo_mc-{name}.jsonl")
