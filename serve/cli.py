@@ -82,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
             base_id, str(model.path), adapters, eng.tokenizer, aliases=(config.model, model.served_id)
         )
 
+    if config.port == 0:
+        # Pick the port now: the chat page needs the server's real address before it starts.
+        config.port = _free_port(config.host)
     mount_ui = None
     if config.ui:
         from serve.http.ui_mount import make_ui_mounter
@@ -101,6 +104,14 @@ def main(argv: list[str] | None = None) -> int:
         timeout_graceful_shutdown=config.shutdown_timeout,
     )
     return 0
+
+
+def _free_port(host: str) -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 if __name__ == "__main__":
