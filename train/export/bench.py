@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -39,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("artifacts/export"), help="where bench.json goes")
     p.add_argument("--adapter", help="an existing adapter to export (default: a random one on `default`)")
     args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="export-bench: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from serve.models import resolve_model
     from train.export.config import GGUF_TYPES, ExportConfig

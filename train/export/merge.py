@@ -226,7 +226,16 @@ def load_with_adapters(plan: MergePlan):
 
 def merge(peft_model):
     """Fold every active adapter into the base weights; returns the plain transformers model."""
-    return peft_model.merge_and_unload(progressbar=False)
+    import torch
+
+    # Hundreds of tiny B@A products: thread start-up costs more than the maths, and on a busy 2-core
+    # machine OpenMP's barriers made the default model's merge 10x slower (10 s vs 1.1 s) than 1 thread.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return peft_model.merge_and_unload(progressbar=False)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def save_merged(model, tokenizer, out: Path, eos_ids: list[int], max_shard_size: str = "2GB") -> None:
