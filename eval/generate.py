@@ -18,7 +18,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import BaseModel, Field
@@ -148,7 +148,7 @@ def server_backend(
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
     def one(chat: list[dict]) -> str:
-        body = {"model": model_id, "messages": chat, **asdict_params(params)}
+        body = {"model": model_id, "messages": chat, **params.model_dump()}
         resp = requests.post(url, json=body, headers=headers, timeout=600)
         if resp.status_code != 200:
             raise RuntimeError(f"{url} answered {resp.status_code} for model {model_id!r}: {resp.text[:300]}")
@@ -159,16 +159,3 @@ def server_backend(
             return list(pool.map(one, chats))
 
     return run
-
-
-def asdict_params(params: GenerationParams) -> dict:
-    return {
-        "max_tokens": params.max_tokens,
-        "temperature": params.temperature,
-        "top_p": params.top_p,
-        "seed": params.seed,
-    }
-
-
-def generation_record(row: int, prompt: str, reference: str, gen: Generation) -> dict:
-    return {"row": row, "prompt": prompt, "reference": reference, **asdict(gen)}

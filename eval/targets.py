@@ -85,9 +85,12 @@ def server_targets(
                 f"adapter {name!r} is not served at {base_url}; it serves: {', '.join(map(str, ids))} "
                 f"(start the server with --adapter {name}=PATH)"
             )
-        manifest = _read_manifest(Path(path)) if path else None
+        # a local copy of a served adapter is only read for its training manifest and loss log
+        local = Path(path) if path else None
+        manifest = _read_manifest(local) if local else None
+        fingerprint = f"server:{base_url}:{name}"
         targets.append(
-            Target(name, "server", False, f"server:{base_url}:{name}", model_id=name, manifest=manifest)
+            Target(name, "server", False, fingerprint, None, local, model_id=name, manifest=manifest)
         )
     return targets
 

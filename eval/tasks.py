@@ -9,7 +9,8 @@ targets run through `HFLM(pretrained=..., peft=...)`; server targets through `lo
 
     suite = load_suite("demo")
     plan = plan_tasks(suite.task_names(), suite.include_paths, chat_overrides=suite.chat_overrides())
-    results = run_local(plan, model_path, adapter_path, limit=20, seed=0, cache_db=None)
+    lm = load_local_lm(model_path, adapter_path)
+    out = run_local(plan, lm, limit=20, seed=0, cache_db=None)   # {"tasks": {...}, "samples": {...}}
 """
 
 from __future__ import annotations
