@@ -120,3 +120,21 @@ def test_lm_eval_metrics_become_value_stderr_ci():
     # anything else: value +- 1.96 stderr
     assert out["perplexity"]["ci95"] == [pytest.approx(10.04), pytest.approx(13.96)]
     assert wilson_interval(0.0, 2)[0] == 0.0
+
+
+def test_flags_override_the_config_yaml(tmp_path):
+    from eval.cli import build_parser, config_from_args
+
+    (tmp_path / "eval.yaml").write_text("suite: demo\nlimit: 5\nmax_tokens: 32\nadapters: [a=x]\n")
+    args = build_parser().parse_args(
+        ["--config", str(tmp_path / "eval.yaml"), "--limit", "7", "--tasks", "t1, t2"]
+    )
+    cfg = config_from_args(args)
+    assert (cfg.suite, cfg.limit, cfg.max_tokens, cfg.adapters, cfg.tasks) == (
+        "demo",
+        7,
+        32,
+        ["a=x"],
+        ["t1", "t2"],
+    )
+    assert cfg.chat_template == "auto" and cfg.temperature == 0.0 and cfg.overwrite is False

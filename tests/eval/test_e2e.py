@@ -89,7 +89,7 @@ def test_local_base_vs_adapter_report_and_cached_rerun(tmp_path, adapter, ref):
 
 @pytest.mark.slow
 @pytest.mark.e2e
-def test_server_local_completions_matches_local_loglikelihoods(tmp_path, adapter, ref, default_model):
+def test_server_local_completions_matches_local_loglikelihoods(tmp_path, adapter, ref, default_model, capsys):
     pytest.importorskip("tenacity", reason="lm-eval's API models need lm-eval[api] (tenacity)")
     common = [
         "--tasks",
@@ -118,6 +118,12 @@ def test_server_local_completions_matches_local_loglikelihoods(tmp_path, adapter
         # the base model doubles as the pairwise judge (through the same server)
         judge = ["--judge-url", url, "--judge-model", "SmolLM2-135M-Instruct"]
         assert main([*served_args, *judge, "--no-embeddings", "--out", str(tmp_path / "srv")]) == 0
+        capsys.readouterr()
+        assert (
+            main(["--base-url", url, "--adapter", "nope", "--data", str(ref), "--out", str(tmp_path / "x")])
+            == 2
+        )
+        assert "adapter 'nope' is not served at" in capsys.readouterr().err
     res = json.loads((tmp_path / "srv" / "results.json").read_text())
     assert [t["kind"] for t in res["targets"]] == ["server", "server"]
     assert res["style"]["targets"]["pirate"]["chrf"]["n"] == 3
