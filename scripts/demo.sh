@@ -29,7 +29,7 @@ fi
 step "3/4 export (saves/demo-merged) and evaluate (artifacts/eval/demo)"
 $BIN/llm-export --adapter demo=saves/demo --out saves/demo-merged --gguf q8_0 --modelfile --overwrite
 $BIN/llm-eval --adapter demo=saves/demo --suite demo --data "$DEMO_DATA" --limit 20 --max-tokens 64 \
-  --out artifacts/eval/demo
+  --out artifacts/eval/demo --overwrite
 
 step "4/4 serve base + demo adapter with the chat UI"
 cat <<MSG
