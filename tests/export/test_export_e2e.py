@@ -34,7 +34,18 @@ def test_export_default_model_then_serve_dir_and_gguf(tmp_path, default_model):
     out = tmp_path / "demo-merged"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "LLM_SERVE_HOME": str(tmp_path / "home")}
     exe = Path(sys.executable).parent / "llm-export"
-    cmd = [str(exe), "--adapter", f"demo={adapter}", "--out", str(out), "--gguf", "q8_0", "--modelfile"]
+    cmd = [
+        str(exe),
+        "--adapter",
+        f"demo={adapter}",
+        "--out",
+        str(out),
+        "--gguf",
+        "q8_0",
+        "--modelfile",
+        "--max-new-tokens",
+        "8",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
 

@@ -120,8 +120,7 @@ def _export_into(tmp: Path, out_name: str, cfg: ExportConfig, plan, after_write)
 
     t0 = time.monotonic()
     reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
-    checks = verify.check_merged(reference, reloaded, cfg.max_new_tokens, eos_ids)
-    merged_probe = verify.probe(reloaded, prompt_ids, cfg.max_new_tokens, eos_ids) if cfg.gguf else None
+    checks, merged_probe = verify.check_merged(reference, reloaded, cfg.max_new_tokens, eos_ids)
     del reloaded
     timings["verify_merged_s"] = time.monotonic() - t0
 

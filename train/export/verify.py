@@ -96,21 +96,25 @@ def probe(model, prompt_ids: list[list[int]], max_new_tokens: int, eos_ids: list
     return result
 
 
-def _compare(reference: Probe, model) -> tuple[float, float]:
-    """(max |Δlogit|, top-1 agreement) of `model` against the reference on the same sequences."""
-    max_diff, agree, total = 0.0, 0, 0
+def _compare(reference: Probe, model) -> tuple[float, float, list]:
+    """(max |Δlogit|, top-1 agreement, logits) of `model` against the reference on the same sequences."""
+    max_diff, agree, total, all_logits = 0.0, 0, 0, []
     for ids, gen, ref in zip(reference.prompt_ids, reference.greedy, reference.logits, strict=True):
         got = logits(model, ids + gen)
+        all_logits.append(got)
         max_diff = max(max_diff, float((got - ref).abs().max()))
         agree += int((got.argmax(-1) == ref.argmax(-1)).sum())
         total += ref.shape[0]
-    return max_diff, agree / total
+    return max_diff, agree / total, all_logits
 
 
-def check_merged(reference: Probe, merged, max_new_tokens: int, eos_ids: list[int]) -> list[Check]:
-    max_diff, _ = _compare(reference, merged)
+def check_merged(
+    reference: Probe, merged, max_new_tokens: int, eos_ids: list[int]
+) -> tuple[list[Check], Probe]:
+    """Checks of the merged model, and its probe on the reference's sequences (what GGUFs are compared with)."""
+    max_diff, _, merged_logits = _compare(reference, merged)
     same = [greedy(merged, ids, max_new_tokens, eos_ids) for ids in reference.prompt_ids] == reference.greedy
-    return [
+    checks = [
         Check("merged.max_abs_logit_diff", max_diff < MERGED_MAX_ABS_DIFF, max_diff, MERGED_MAX_ABS_DIFF),
         Check(
             "merged.greedy_tokens_identical",
@@ -119,6 +123,7 @@ def check_merged(reference: Probe, merged, max_new_tokens: int, eos_ids: list[in
             detail="" if same else "greedy tokens of the merged model differ from base+adapter",
         ),
     ]
+    return checks, Probe(reference.prompt_ids, reference.greedy, merged_logits)
 
 
 @contextmanager
@@ -201,7 +206,7 @@ def check_gguf(
             detail="" if same_ids else "templated prompts tokenise differently through the GGUF's tokenizer",
         )
     )
-    max_diff, top1 = _compare(merged_probe, model)
+    max_diff, top1, _ = _compare(merged_probe, model)
     checks.append(
         Check(
             f"{prefix}.max_abs_logit_diff",
