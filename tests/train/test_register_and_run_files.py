@@ -60,7 +60,10 @@ def test_register_keeps_other_entries_updates_and_is_readable(tmp_path):
     assert stat.S_IMODE((tmp_path / "dataset_info.json").stat().st_mode) == 0o644
     found, path = find_entry(tmp_path, "persona")
     assert path == tmp_path / "persona.json" and found.column("system") is None
-    with pytest.raises(DatasetInfoError, match=r"dataset .nope. is not in .* \(registered: other, persona\); add it with .llm-data register"):
+    with pytest.raises(
+        DatasetInfoError,
+        match=r"dataset .nope. is not in .* \(registered: other, persona\); add it with .llm-data register",
+    ):
         find_entry(tmp_path, "nope")
 
 
