@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -122,6 +123,7 @@ def run_llm_train(config: Path, out_dir: Path, env: dict[str, str]) -> dict[str,
 def run_lf_defaults(config: dict[str, Any], work: Path, env: dict[str, str]) -> dict[str, Any]:
     """Plain `llamafactory-cli train` with LLaMA-Factory's defaults (what users ran before llm-train)."""
     cfg = {k: v for k, v in config.items() if k not in ("disable_gradient_checkpointing",)}
+    shutil.rmtree(work / "lf-defaults", ignore_errors=True)  # LLaMA-Factory would resume an old run
     cfg["output_dir"] = str(work / "lf-defaults")
     path = work / "lf-defaults.yaml"
     path.write_text(yaml.safe_dump(cfg))
