@@ -70,6 +70,8 @@ class ChatCompletionRequest(_Request):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     user: str | None = None
+    # vLLM's extension: keep generating past EOS (benchmarks that need exact output lengths).
+    ignore_eos: bool = False
 
     @field_validator("stop")
     @classmethod
@@ -96,6 +98,7 @@ class ChatCompletionRequest(_Request):
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
             logprobs=(self.top_logprobs or 0) if self.logprobs else None,
+            ignore_eos=self.ignore_eos,
         )
 
 
@@ -119,6 +122,7 @@ class CompletionRequest(_Request):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     user: str | None = None
+    ignore_eos: bool = False  # vLLM's extension, as for chat
 
     @field_validator("stop")
     @classmethod
@@ -163,6 +167,7 @@ class CompletionRequest(_Request):
             frequency_penalty=self.frequency_penalty,
             logprobs=self.logprobs,
             prompt_logprobs=self.logprobs if self.echo and self.logprobs is not None else None,
+            ignore_eos=self.ignore_eos,
         )
 
 

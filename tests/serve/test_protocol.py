@@ -85,3 +85,9 @@ def test_completion_rejects_empty_and_suffix():
         CompletionRequest(prompt="x", suffix="y")
     with pytest.raises(ValidationError, match="echo"):
         CompletionRequest(prompt="x", max_tokens=0)
+
+
+def test_ignore_eos_extension_reaches_sampling_params():
+    assert ChatCompletionRequest(messages=MSG, ignore_eos=True).to_sampling_params(4, [2]).ignore_eos
+    assert CompletionRequest(prompt="x", ignore_eos=True).to_sampling_params(4, [2]).ignore_eos
+    assert not ChatCompletionRequest(messages=MSG).to_sampling_params(4, [2]).ignore_eos
