@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="default")
     p.add_argument("--adapter", dest="adapters", action="append", default=[], metavar="NAME=PATH")
     p.add_argument("--tasks", default="demo_mc,demo_gen")
-    p.add_argument("--data", type=Path, default=Path("data/demo/huangdi_demo.json"))
+    p.add_argument("--data", type=Path, default=Path("configs/data/demo/huangdi_demo.json"))
     p.add_argument("--limit", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=8)

@@ -1,7 +1,7 @@
 """`llm-eval`: score the base model and LoRA adapters on lm-eval tasks and on a reference set's style.
 
 Run as:
-    llm-eval --adapter demo=saves/demo --suite demo --data data/demo/test.jsonl --limit 20 --out artifacts/eval/demo
+    llm-eval --adapter demo=saves/demo --suite demo --data configs/data/demo/test.jsonl --limit 20 --out artifacts/eval/demo
     llm-eval --base-url http://127.0.0.1:8000 --adapter demo --tasks demo_mc --include-path eval/suites/tasks
 
 Writes results.json, report.md, report.html, PNG plots and samples/ into --out, then prints where

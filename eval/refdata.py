@@ -7,7 +7,7 @@ and OpenAI messages rows in JSON, JSONL, CSV or Parquet. When the file is regist
 otherwise the format is detected from the first row. Library code: raises `ReferenceDataError`
 as `FILE:ROW: reason`.
 
-    examples = read_reference_set(Path("data/demo/huangdi_demo.json"), limit=20)
+    examples = read_reference_set(Path("configs/data/demo/huangdi_demo.json"), limit=20)
 """
 
 from __future__ import annotations

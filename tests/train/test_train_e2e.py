@@ -61,7 +61,7 @@ def test_sft_kill_resume_eval_manifest_and_serve(tmp_path):
     cfg = write_config(
         tmp_path,
         dataset="huangdi_demo",
-        dataset_dir=str(REPO / "data" / "demo"),
+        dataset_dir=str(REPO / "configs" / "data" / "demo"),
         max_samples=8,
         val_size=0.25,
         eval_steps=2,
@@ -139,7 +139,7 @@ def test_dry_run_multi_node_deepspeed_and_template_errors(tmp_path):
     cfg = write_config(
         tmp_path,
         dataset="huangdi_demo",
-        dataset_dir=str(REPO / "data" / "demo"),
+        dataset_dir=str(REPO / "configs" / "data" / "demo"),
         output_dir=str(tmp_path / "o"),
     )
     args = ["--nnodes", "2", "--node-rank", "1", "--nproc-per-node", "8", "--master-addr", "10.0.0.1"]
