@@ -273,7 +273,7 @@ class HFEngine(Engine):
                 prefills=segments,
             )
         )
-        self.lora_ctx.set_rows(adapters)
+        self.lora_ctx.set_rows(adapters, device=dev)
         hidden = self.decoder(
             input_ids=torch.tensor([tokens], device=dev),
             position_ids=torch.tensor([positions], device=dev),

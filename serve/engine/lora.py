@@ -27,37 +27,47 @@ class LoRALoadError(ValueError):
     pass
 
 
-Rows = slice | torch.Tensor | None  # None: every row
-
-
 @dataclass
 class LoRAContext:
-    """Which packed rows use which adapter in the current step: [(adapter_index, rows)]."""
+    """Which adapter each packed row of the current step uses (-1: the base model).
 
-    groups: list[tuple[int, Rows]] = field(default_factory=list)
+    `single` is set when every row uses the same adapter (the common case: no masking needed);
+    `rows` holds the per-row adapter indices when the batch mixes adapters. Masks are cached per
+    module layout for the duration of one step.
+    """
 
-    def set_rows(self, adapter_per_row: list[int]) -> None:
-        """`adapter_per_row[i]` is the adapter index of packed row i, or -1 for the base model."""
-        self.groups = group_rows(adapter_per_row)
+    single: int | None = None
+    rows: torch.Tensor | None = None
+    _masks: dict = field(default_factory=dict)
 
-
-def group_rows(adapter_per_row: list[int]) -> list[tuple[int, Rows]]:
-    if not adapter_per_row:
-        return []
-    first = adapter_per_row[0]
-    if all(a == first for a in adapter_per_row):
-        return [] if first < 0 else [(first, None)]
-    groups = []
-    for idx in sorted({a for a in adapter_per_row if a >= 0}):
-        rows = [i for i, a in enumerate(adapter_per_row) if a == idx]
-        if rows[-1] - rows[0] + 1 == len(rows):
-            groups.append((idx, slice(rows[0], rows[-1] + 1)))
+    def set_rows(self, adapter_per_row: list[int], device=None) -> None:
+        self._masks = {}
+        first = adapter_per_row[0] if adapter_per_row else -1
+        if all(a == first for a in adapter_per_row):
+            self.single, self.rows = first, None
         else:
-            groups.append((idx, torch.tensor(rows, dtype=torch.long)))
-    return groups
+            self.single, self.rows = None, torch.tensor(adapter_per_row, dtype=torch.long, device=device)
+
+    def mask_for(self, col_adapter: torch.Tensor, dtype) -> torch.Tensor:
+        """`[T, cols]` with 1 where the row's adapter owns the column."""
+        key = col_adapter.data_ptr()
+        mask = self._masks.get(key)
+        if mask is None:
+            mask = (self.rows.unsqueeze(1) == col_adapter.unsqueeze(0)).to(dtype)
+            self._masks[key] = mask
+        return mask
 
 
 class MultiLoRALinear(nn.Module):
+    """A Linear plus the LoRA deltas of every adapter that targets it.
+
+    For a batch mixing adapters, the A matrices of all adapters are concatenated (`[sum r, in]`) and
+    applied to every row in one matmul; a row-by-column mask keeps each row's own adapter's columns,
+    and one more matmul with the concatenated B (`[out, sum r]`) adds the deltas. The extra work is
+    `sum r / out` of the base matmul (about 2% for four rank-8 adapters) and the op count does not
+    grow with the number of adapters in the batch.
+    """
+
     def __init__(self, base: nn.Linear, ctx: LoRAContext):
         super().__init__()
         self.base = base
@@ -65,29 +75,30 @@ class MultiLoRALinear(nn.Module):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.lora_a: dict[int, torch.Tensor] = {}  # adapter index -> [r, in]
         self.lora_b: dict[int, torch.Tensor] = {}  # adapter index -> [out, r] * scale
+        self.a_cat = self.b_cat = self.col_adapter = None
 
     def add(self, index: int, a: torch.Tensor, b_scaled: torch.Tensor) -> None:
         self.lora_a[index], self.lora_b[index] = a, b_scaled
+        order = sorted(self.lora_a)
+        self.a_cat = torch.cat([self.lora_a[i] for i in order]).contiguous()
+        self.b_cat = torch.cat([self.lora_b[i] for i in order], dim=1).contiguous()
+        self.col_adapter = torch.cat(
+            [torch.full((self.lora_a[i].shape[0],), i, dtype=torch.long, device=a.device) for i in order]
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        groups = self.ctx.groups
-        if not groups or not self.lora_a:
+        ctx = self.ctx
+        if ctx.single is not None:
+            a = self.lora_a.get(ctx.single)
+            if a is None:  # the base model, or an adapter that does not target this module
+                return y
+            return y + (x @ a.t()) @ self.lora_b[ctx.single].t()
+        if self.a_cat is None:
             return y
         x2 = x.reshape(-1, self.in_features)
-        y2 = y.view(-1, self.out_features)
-        for idx, rows in groups:
-            a = self.lora_a.get(idx)
-            if a is None:
-                continue
-            b = self.lora_b[idx]
-            if rows is None:
-                y2 += (x2 @ a.t()) @ b.t()
-            elif isinstance(rows, slice):
-                y2[rows] += (x2[rows] @ a.t()) @ b.t()
-            else:
-                y2.index_add_(0, rows, (x2.index_select(0, rows) @ a.t()) @ b.t())
-        return y
+        xa = (x2 @ self.a_cat.t()) * ctx.mask_for(self.col_adapter, x.dtype)
+        return y + (xa @ self.b_cat.t()).view_as(y)
 
 
 @dataclass
