@@ -138,7 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.bench", description=__doc__)
     p.add_argument("--model", default="default", help="base model (default: the embedded SmolLM2-135M)")
     p.add_argument(
-        "--data", default=str(REPO / "configs" / "data" / "demo" / "huangdi_demo.json"), help="alpaca-style JSON"
+        "--data",
+        default=str(REPO / "configs" / "data" / "demo" / "huangdi_demo.json"),
+        help="alpaca-style JSON",
     )
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=4)

@@ -26,7 +26,9 @@ def run_lm_eval(model: str, model_args: str, include: Path, out: Path) -> dict:
     assert proc.returncode == 0, proc.stderr[-3000:]
     samples = sorted(out.rglob("samples_capitals_mc_*.jsonl"))
     assert samples, f"no samples written under {out}"
-    rows = sorted((json.loads(line) for line in samples[-1].read_text().splitlines()), key=lambda r: r["doc_id"])
+    rows = sorted(
+        (json.loads(line) for line in samples[-1].read_text().splitlines()), key=lambda r: r["doc_id"]
+    )
     results = json.loads(sorted(out.rglob("results_*.json"))[-1].read_text())["results"]["capitals_mc"]
     return {"acc": results["acc,none"], "loglik": [[float(r[0][0]) for r in row["resps"]] for row in rows]}
 
