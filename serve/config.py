@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+M = TypeVar("M", bound=BaseModel)
 
 
 class ConfigError(ValueError):
@@ -61,24 +63,34 @@ class ServeConfig(BaseModel):
         return self.api_key or os.environ.get("LLM_SERVE_API_KEY") or None
 
 
-def load_config(path: str | Path | None, overrides: dict) -> ServeConfig:
-    """Merge YAML (if any) with explicit overrides and validate."""
+def load_settings(
+    cls: type[M], path: str | Path | None, overrides: dict, error: type[Exception] = ConfigError
+) -> M:
+    """Defaults < YAML at `path` < `overrides` (None means "not given"), validated into `cls`.
+
+    Shared by every CLI with a `--config YAML`; raises `error` naming the file and the setting.
+    """
     data: dict = {}
     if path:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
+            raise error(f"config file {p} does not exist")
         try:
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{p}: not valid YAML ({exc})") from exc
+            raise error(f"{p}: not valid YAML ({exc})") from exc
         if not isinstance(data, dict):
-            raise ConfigError(f"{p}: expected a mapping of settings, got {type(data).__name__}")
+            raise error(f"{p}: expected a mapping of settings, got {type(data).__name__}")
         data = {k.replace("-", "_"): v for k, v in data.items()}
     data.update({k: v for k, v in overrides.items() if v is not None})
     try:
-        return ServeConfig(**data)
+        return cls(**data)
     except ValidationError as exc:
         where = f" in {path}" if path else ""
         msgs = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise ConfigError(f"invalid setting{where}: {msgs}") from exc
+        raise error(f"invalid setting{where}: {msgs}") from exc
+
+
+def load_config(path: str | Path | None, overrides: dict) -> ServeConfig:
+    """Merge YAML (if any) with explicit overrides and validate."""
+    return load_settings(ServeConfig, path, overrides)

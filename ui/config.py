@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
+
+from serve.config import load_settings
 
 
 class UIConfigError(ValueError):
@@ -36,22 +37,4 @@ class UIConfig(BaseModel):
 
 def load_config(path: str | Path | None, overrides: dict) -> UIConfig:
     """Merge YAML (if any) with explicit overrides (None means not given) and validate."""
-    data: dict = {}
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise UIConfigError(f"config file {p} does not exist")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise UIConfigError(f"{p}: not valid YAML ({exc})") from exc
-        if not isinstance(data, dict):
-            raise UIConfigError(f"{p}: expected a mapping of settings, got {type(data).__name__}")
-        data = {k.replace("-", "_"): v for k, v in data.items()}
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    try:
-        return UIConfig(**data)
-    except ValidationError as exc:
-        where = f" in {path}" if path else ""
-        msgs = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise UIConfigError(f"invalid setting{where}: {msgs}") from exc
+    return load_settings(UIConfig, path, overrides, error=UIConfigError)
