@@ -176,3 +176,12 @@ def test_kill_and_resume_never_duplicates(tmp_path):
     assert len(asked_after) == len(all_chunks) - len(before)
     assert asked_before - len(before) <= 2
     assert not journal.exists()
+
+
+def test_nothing_kept_writes_nothing_and_fails_clearly(tmp_path, capsys):
+    out = tmp_path / "qa.json"
+    with FakeOpenAI(bad_every=1) as server:  # every reply lacks JSON
+        assert main(synth_args(server, out, "--reply-retries", "0")) == 1
+    err = capsys.readouterr().err
+    assert "no entry survived validation" in err and str(out) in err
+    assert not out.exists() and not (tmp_path / "qa.json.partial.jsonl").exists()

@@ -57,7 +57,11 @@ def test_synth_against_llm_serve_default_model(tmp_path, default_model):
         else:
             assert s["kept"] + s.get("dropped", 0) == s["entries_received"]
         assert s["kept"] == len(result.rows)
-    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    if totals["kept"] == 0:  # the 135M model often answers without usable JSON: nothing is written
+        assert not out.exists()
+        rows = []
+    else:
+        rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert rows == outcome.rows() and len(rows) == totals["kept"]
     assert all(r["instruction"] and r["output"] and r["chunk_id"] in {c.id for c in chunks} for r in rows)
     assert not (tmp_path / "qa.jsonl.partial.jsonl").exists()

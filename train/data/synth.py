@@ -248,8 +248,10 @@ def synthesize(cfg: SynthConfig, transport=None) -> RunOutcome:
         )
         outcome.run_stats = {"chunks_total": len(chunks), **client.usage.as_dict()}
         if outcome.complete:
-            write_rows(outcome.rows(), cfg.out, fmt)
-            check_written(cfg.out, SYNTH_COLUMNS)
+            # An empty dataset would only fail later, in llm-train: write nothing, say why (run()).
+            if outcome.rows():
+                write_rows(outcome.rows(), cfg.out, fmt)
+                check_written(cfg.out, SYNTH_COLUMNS)
             journal.discard()
         return outcome
     finally:
@@ -431,6 +433,13 @@ def run(args) -> int:
         )
         return 1
     rows = outcome.rows()
+    if not rows:
+        print(
+            f"llm-data synth: error: no entry survived validation, so {cfg.out} was not written; "
+            "the counts above say why (a larger model behind --base-url/--model usually fixes it)",
+            file=sys.stderr,
+        )
+        return 1
     print(f"wrote {len(rows)} rows to {cfg.out}")
     if args.register:
         try:
