@@ -195,7 +195,15 @@ def test_stop_ends_the_stream(page, served):
     assert running_requests(served) == 1
     page.click("#stop")
     page.wait_for_selector("#send", state="visible")
+    # A chunk already on its way to the browser when Stop was clicked may still render; after that
+    # the text must stay frozen.
     stopped = bot_texts(page)[-1]
+    for _ in range(10):
+        time.sleep(0.3)
+        now = bot_texts(page)[-1]
+        if now == stopped:
+            break
+        stopped = now
     time.sleep(1.5)
     assert bot_texts(page)[-1] == stopped
     assert 20 < len(stopped) < 1200  # 400 tokens would be far longer
