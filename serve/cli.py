@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         f"llm-serve: {base_id} + {len(adapters)} adapter(s) on http://{config.host}:{config.port}", flush=True
     )
     if config.ui:
-        print(f"llm-serve: chat UI at http://{config.host}:{config.port}/ui", flush=True)
+        print(f"llm-serve: chat UI at http://{config.host}:{config.port}/ui/", flush=True)
     uvicorn.run(
         app,
         host=config.host,
