@@ -35,8 +35,8 @@ from train.data.chunk_journal import (
     write_rows,
 )
 from train.data.chunking import Chunk, chunk_text
-from train.data.openai_client import ChatClient, ReplyParseError, parse_json_reply
-from train.data.synth_checks import check_written, entries_of
+from train.data.openai_client import ChatClient
+from train.data.synth_checks import ask_for_entries, check_written, new_chunk_stats
 
 PROMPT_VERSION = 1
 PERSONA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "system": "system"}
@@ -214,27 +214,18 @@ def llm_chunk(
         {"role": "system", "content": system_prompt},
         {"role": "user", "content": user.format(chunk=chunk.text, who=who, role=role)},
     ]
-    stats = {
-        "chunks": 1,
-        "chunk_tokens": chunk.n_tokens,
-        "requests": 0,
-        "prompt_tokens": 0,
-        "completion_tokens": 0,
-    }
+    stats = new_chunk_stats(chunk)
     rows: list[dict] = []
     for attempt in range(cfg["reply_retries"] + 1):
-        reply = client.chat(
-            messages, max_tokens=cfg["max_tokens"], temperature=0.0, seed=chunk.index * 1000 + attempt
+        raw = ask_for_entries(
+            client,
+            messages,
+            stats,
+            max_tokens=cfg["max_tokens"],
+            temperature=0.0,
+            seed=chunk.index * 1000 + attempt,
         )
-        stats["requests"] += 1
-        stats["prompt_tokens"] += reply.prompt_tokens
-        stats["completion_tokens"] += reply.completion_tokens
-        if reply.finish_reason == "length":
-            stats["replies_cut_by_max_tokens"] = stats.get("replies_cut_by_max_tokens", 0) + 1
-        try:
-            raw = entries_of(parse_json_reply(reply.text))
-        except ReplyParseError:
-            stats["unparseable_replies"] = stats.get("unparseable_replies", 0) + 1
+        if raw is None:
             continue
         rows, dropped = validate_pairs(raw, chunk, cfg["system"], cfg["instruction"])
         stats.update({f"dropped_{k}": v for k, v in dropped.items()})

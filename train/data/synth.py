@@ -34,8 +34,8 @@ from train.data.chunk_journal import (
     write_rows,
 )
 from train.data.chunking import Chunk, TokenCounter, chunk_text, load_token_counter, server_token_counter
-from train.data.openai_client import ChatClient, ClientConfig, ReplyParseError, parse_json_reply
-from train.data.synth_checks import check_written, entries_of, validate_entries
+from train.data.openai_client import ChatClient, ClientConfig
+from train.data.synth_checks import ask_for_entries, check_written, new_chunk_stats, validate_entries
 
 PROMPT_VERSION = 1
 QUESTION_TYPES = {
@@ -119,30 +119,18 @@ def synth_chunk(chunk: Chunk, cfg: SynthConfig, client: ChatClient) -> ChunkResu
     """Ask for one chunk's entries, re-asking when a reply holds no JSON; EndpointError propagates."""
     types = types_for_chunk(chunk, cfg.types(), cfg.per_chunk)
     messages = build_messages(chunk, types, cfg.language)
-    stats = {
-        "chunks": 1,
-        "chunk_tokens": chunk.n_tokens,
-        "requests": 0,
-        "prompt_tokens": 0,
-        "completion_tokens": 0,
-    }
+    stats = new_chunk_stats(chunk)
     rows: list[dict] = []
     for attempt in range(cfg.reply_retries + 1):
-        reply = client.chat(
+        raw = ask_for_entries(
+            client,
             messages,
+            stats,
             max_tokens=cfg.max_tokens,
             temperature=cfg.temperature,
             seed=chunk.index * 1000 + attempt,
         )
-        stats["requests"] += 1
-        stats["prompt_tokens"] += reply.prompt_tokens
-        stats["completion_tokens"] += reply.completion_tokens
-        if reply.finish_reason == "length":
-            stats["replies_cut_by_max_tokens"] = stats.get("replies_cut_by_max_tokens", 0) + 1
-        try:
-            raw = entries_of(parse_json_reply(reply.text))
-        except ReplyParseError:
-            stats["unparseable_replies"] = stats.get("unparseable_replies", 0) + 1
+        if raw is None:
             continue
         rows, dropped = validate_entries(
             raw,

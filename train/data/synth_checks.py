@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 from train.data.chunking import Chunk
+from train.data.openai_client import ReplyParseError, parse_json_reply
 
 _INSTRUCTION_KEYS = ("instruction", "question", "q", "问题", "prompt")
 _OUTPUT_KEYS = ("output", "answer", "a", "答案", "response")
@@ -170,3 +171,32 @@ def validate_entries(
         seen.add(key)
         rows.append(row)
     return rows, dropped
+
+
+def new_chunk_stats(chunk: Chunk) -> dict:
+    """The per-chunk counters every LLM-backed data command records in its journal."""
+    return {
+        "chunks": 1,
+        "chunk_tokens": chunk.n_tokens,
+        "requests": 0,
+        "prompt_tokens": 0,
+        "completion_tokens": 0,
+    }
+
+
+def ask_for_entries(
+    client, messages: list[dict], stats: dict, *, max_tokens: int, temperature: float, seed: int
+):
+    """One request: count its tokens into `stats`, return the reply's entries, or None (and count it)
+    when the reply holds no JSON."""
+    reply = client.chat(messages, max_tokens=max_tokens, temperature=temperature, seed=seed)
+    stats["requests"] += 1
+    stats["prompt_tokens"] += reply.prompt_tokens
+    stats["completion_tokens"] += reply.completion_tokens
+    if reply.finish_reason == "length":
+        stats["replies_cut_by_max_tokens"] = stats.get("replies_cut_by_max_tokens", 0) + 1
+    try:
+        return entries_of(parse_json_reply(reply.text))
+    except ReplyParseError:
+        stats["unparseable_replies"] = stats.get("unparseable_replies", 0) + 1
+        return None
