@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from train.manifest import write_json_atomic
 
 DATASET_INFO = "dataset_info.json"
 
@@ -145,14 +146,5 @@ def write_dataset_info(dataset_dir: str | os.PathLike, info: dict[str, Any]) -> 
     directory = Path(dataset_dir)
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / DATASET_INFO
-    fd, tmp = tempfile.mkstemp(prefix=".dataset_info.", suffix=".tmp", dir=directory)
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; these files are meant to be read by others
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(info, f, ensure_ascii=False, indent=2)
-            f.write("\n")
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_json_atomic(target, info)
     return target
