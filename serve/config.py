@@ -46,6 +46,11 @@ class ServeConfig(BaseModel):
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the HF engine runs.")
     engine: Literal["hf", "vllm"] = Field("hf", description="transformers+PEFT or vLLM.")
+    model_impl: Literal["auto", "native", "transformers"] = Field(
+        "auto",
+        description="HF engine: run Llama/Mistral/Qwen2 with llm-serve's own decoder (native, faster) or "
+        "transformers' modeling code; auto picks native when the model is covered.",
+    )
     allow_base_mismatch: bool = Field(
         False, description="Serve adapters whose recorded base model differs from the served one."
     )

@@ -89,10 +89,18 @@ class HFEngine(Engine):
         model.to(device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(self.resolved.path)
         self.lora_ctx = LoRAContext()
-        install_adapters(model, [(a.name, a.path) for a in self.adapter_specs], self.lora_ctx)
         mc = model.config
         model_max = int(getattr(mc, "max_position_embeddings", DEFAULT_MAX_MODEL_LEN))
         self.max_model_len = min(cfg.max_model_len or min(model_max, DEFAULT_MAX_MODEL_LEN), model_max)
+        self.native = self._build_native(model)
+        if self.native is None:
+            install_adapters(model, [(a.name, a.path) for a in self.adapter_specs], self.lora_ctx)
+            self.decoder = model.get_decoder()
+            self.lm_head = model.get_output_embeddings()
+        else:
+            self.lm_head = self.native.lm_head
+            model = None  # the native model holds the weights it needs; drop the rest
+        self.impl = "transformers" if self.native is None else "native"
         head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
         kv_heads = getattr(mc, "num_key_value_heads", None) or mc.num_attention_heads
         slots = cfg.max_num_seqs
@@ -113,16 +121,36 @@ class HFEngine(Engine):
             mc.num_hidden_layers, slots, kv_heads, self.max_model_len, head_dim, dtype, device
         )
         self.model, self.device, self.dtype = model, device, dtype
-        self.decoder = model.get_decoder()
-        self.lm_head = model.get_output_embeddings()
         # 512 tokens per step: prefill throughput peaks there on the 2-core CPU (655 vs 597 tok/s at 256)
         # and a burst of prompts reaches its first token sooner.
         self.scheduler = Scheduler(slots, max_batched_tokens=max(512, slots), move_slot=self.cache.move_slot)
         logger.info(
-            "loaded %s on %s (%s) in %.1f s; %d adapters; %d slots x %d tokens (KV %.2f GiB max)",
-            self.resolved.served_id, device, str(dtype).removeprefix("torch."), time.monotonic() - t0,
+            "loaded %s on %s (%s, %s) in %.1f s; %d adapters; %d slots x %d tokens (KV %.2f GiB max)",
+            self.resolved.served_id, device, str(dtype).removeprefix("torch."), self.impl, time.monotonic() - t0,
             len(self.adapter_specs), slots, self.max_model_len, per_slot * slots / 2**30,
         )  # fmt: skip
+
+    def _build_native(self, model):
+        """The native decoder with every adapter loaded, or None to run transformers' code."""
+        from serve.engine import llama
+        from serve.engine.gemm import tune_single_row
+
+        impl = self.config.model_impl
+        reason = "model_impl=transformers" if impl == "transformers" else llama.unsupported_reason(
+            model, self.max_model_len
+        )
+        if reason is not None:
+            if impl == "native":
+                raise ValueError(f"model_impl=native cannot run this model: {reason}; use --model-impl auto")
+            logger.info("running transformers' modeling code (%s)", reason)
+            return None
+        native = llama.NativeLlama(model, self.lora_ctx, self.max_model_len)
+        for index, spec in enumerate(self.adapter_specs):
+            native.add_adapter(index, spec.name, spec.path)
+        extra = tune_single_row(native.denses())
+        if extra:
+            logger.info("one-row matmuls: %.0f MB of transposed weight copies", extra / 2**20)
+        return native
 
     async def start(self) -> None:
         await asyncio.to_thread(self.load)
@@ -281,12 +309,17 @@ class HFEngine(Engine):
             )
         )
         self.lora_ctx.set_rows(adapters, device=dev)
-        hidden = self.decoder(
-            input_ids=torch.tensor([tokens], device=dev),
-            position_ids=torch.tensor([positions], device=dev),
-            use_cache=False,
-            step_layout=layout,
-        ).last_hidden_state[0]
+        if self.native is not None:
+            hidden = self.native.forward(
+                torch.tensor(tokens, device=dev), torch.tensor(positions, device=dev), layout
+            )
+        else:
+            hidden = self.decoder(
+                input_ids=torch.tensor([tokens], device=dev),
+                position_ids=torch.tensor([positions], device=dev),
+                use_cache=False,
+                step_layout=layout,
+            ).last_hidden_state[0]
 
         # Rows that need logits: every decode token, the last token of each completed prompt,
         # and every prompt token of sequences that asked for prompt logprobs.
@@ -302,7 +335,7 @@ class HFEngine(Engine):
             seq.num_computed += 1
         if not sample_rows:
             return
-        logits = self.lm_head(hidden[sample_rows])
+        logits = self.lm_head(hidden if len(sample_rows) == len(tokens) else hidden[sample_rows])
         rows = [RowState(s.request.params, s.output_ids, s.state.generator) for s in sample_seqs]
         chosen, lps = sample(logits, rows)
         for seq, tok, lp in zip(sample_seqs, chosen, lps, strict=True):

@@ -2,9 +2,10 @@
 
 Every admitted sequence owns one slot of a preallocated cache `[slots, kv_heads, max_len, head_dim]`
 per layer. A model step runs one packed row of tokens `[1, T]`: first one decode token for each
-decoding sequence, then prefill chunks. `slot_attention` is registered as a transformers attention
-implementation; it writes the new keys/values into the slots and attends over each sequence's own
-prefix, so sequences of any length share one forward pass (continuous batching) without padding.
+decoding sequence, then prefill chunks. `attend` writes the new keys/values into the slots and
+attends over each sequence's own prefix, so sequences of any length share one forward pass
+(continuous batching) without padding. The native Llama (`llama.py`) calls it directly;
+`slot_attention` registers it as a transformers attention implementation for other models.
 Memory is bounded by construction, and `torch.empty` commits pages only as they are first used.
 """
 
@@ -89,43 +90,54 @@ class SlotKVCache:
         self.initialized[dst] = max(self.initialized[dst], length)
 
 
-def slot_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Attention over slot-cached prefixes; `query/key/value` are `[1, heads, T, head_dim]`."""
-    layout: StepLayout = kwargs["step_layout"]
-    layer = module.layer_idx
+def attend(
+    layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: StepLayout, scaling: float | None
+) -> torch.Tensor:
+    """Write this step's keys/values into the slots and attend; `q [T, heads, d]`, `k/v [T, kv_heads, d]`.
+
+    Returns `[T, heads, d]`. Decode rows attend together in one batched call over the longest
+    prefix (shorter rows masked); each prefill chunk attends over its own slot's prefix.
+    """
     kc, vc = layout.cache.keys[layer], layout.cache.values[layer]
     n_dec = layout.num_decode
-    out = query.new_empty(query.shape[2], query.shape[1], query.shape[3])  # [T, heads, d]
+    out = q.new_empty(q.shape)
 
     if n_dec:
         slots, pos = layout.decode_slots, layout.decode_positions
-        kc[slots, :, pos] = key[0, :, :n_dec].transpose(0, 1)
-        vc[slots, :, pos] = value[0, :, :n_dec].transpose(0, 1)
+        kc[slots, :, pos] = k[:n_dec]
+        vc[slots, :, pos] = v[:n_dec]
         length = layout.decode_max_len
-        k = kc[:n_dec, :, :length] if layout.decode_is_prefix else kc[slots, :, :length]
-        v = vc[:n_dec, :, :length] if layout.decode_is_prefix else vc[slots, :, :length]
-        q = query[0, :, :n_dec].transpose(0, 1).unsqueeze(2)  # [B, heads, 1, d]
+        kk = kc[:n_dec, :, :length] if layout.decode_is_prefix else kc[slots, :, :length]
+        vv = vc[:n_dec, :, :length] if layout.decode_is_prefix else vc[slots, :, :length]
         o = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=layout.decode_mask, scale=scaling, enable_gqa=True
-        )
+            q[:n_dec].unsqueeze(2), kk, vv, attn_mask=layout.decode_mask, scale=scaling, enable_gqa=True
+        )  # [B, heads, 1, d]
         out[:n_dec] = o.squeeze(2)
 
     for seg in layout.prefills:
         a, b = seg.offset, seg.offset + seg.length
         end = seg.start + seg.length
-        kc[seg.slot, :, seg.start : end] = key[0, :, a:b]
-        vc[seg.slot, :, seg.start : end] = value[0, :, a:b]
-        q = query[:, :, a:b]
-        k = kc[seg.slot : seg.slot + 1, :, :end]
-        v = vc[seg.slot : seg.slot + 1, :, :end]
+        kc[seg.slot, :, seg.start : end] = k[a:b].transpose(0, 1)
+        vc[seg.slot, :, seg.start : end] = v[a:b].transpose(0, 1)
+        qq = q[a:b].transpose(0, 1).unsqueeze(0)  # [1, heads, L, d]
+        kk = kc[seg.slot : seg.slot + 1, :, :end]
+        vv = vc[seg.slot : seg.slot + 1, :, :end]
         if seg.start == 0:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=True)
+            o = F.scaled_dot_product_attention(qq, kk, vv, is_causal=True, scale=scaling, enable_gqa=True)
         else:
             rows = torch.arange(seg.length, device=q.device).unsqueeze(1) + seg.start
             mask = torch.arange(end, device=q.device).unsqueeze(0) <= rows
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
+            o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, scale=scaling, enable_gqa=True)
         out[a:b] = o[0].transpose(0, 1)
+    return out
 
+
+def slot_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """`attend` as a transformers attention function: `query/key/value` are `[1, heads, T, head_dim]`."""
+    out = attend(
+        module.layer_idx, query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
+        kwargs["step_layout"], scaling,
+    )  # fmt: skip
     return out.unsqueeze(0), None
 
 
@@ -134,7 +146,9 @@ def finalize_layout(layout: StepLayout) -> StepLayout:
     n = layout.num_decode
     if n:
         arange = torch.arange(layout.decode_max_len, device=layout.decode_positions.device)
-        layout.decode_mask = (arange.unsqueeze(0) <= layout.decode_positions.unsqueeze(1)).view(n, 1, 1, -1)
+        if n > 1:  # one row attends over exactly its own prefix: no mask needed
+            mask = arange.unsqueeze(0) <= layout.decode_positions.unsqueeze(1)
+            layout.decode_mask = mask.view(n, 1, 1, -1)
         layout.decode_is_prefix = bool(
             torch.equal(layout.decode_slots, torch.arange(n, device=layout.decode_slots.device))
         )

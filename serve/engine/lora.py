@@ -58,27 +58,25 @@ class LoRAContext:
         return mask
 
 
-class MultiLoRALinear(nn.Module):
-    """A Linear plus the LoRA deltas of every adapter that targets it.
+class LoRADelta:
+    """The LoRA deltas of every adapter for one projection (a Linear, or several packed into one).
 
     For a batch mixing adapters, the A matrices of all adapters are concatenated (`[sum r, in]`) and
     applied to every row in one matmul; a row-by-column mask keeps each row's own adapter's columns,
     and one more matmul with the concatenated B (`[out, sum r]`) adds the deltas. The extra work is
     `sum r / out` of the base matmul (about 2% for four rank-8 adapters) and the op count does not
-    grow with the number of adapters in the batch.
+    grow with the number of adapters in the batch. A packed projection (q, k and v in one matmul)
+    gets one A of all its parts' ranks and a block B, so it costs the same two matmuls.
     """
 
-    def __init__(self, base: nn.Linear, ctx: LoRAContext):
-        super().__init__()
-        self.base = base
+    def __init__(self, ctx: LoRAContext):
         self.ctx = ctx
-        self.in_features, self.out_features = base.in_features, base.out_features
         self.lora_a: dict[int, torch.Tensor] = {}  # adapter index -> [r, in]
         self.lora_b: dict[int, torch.Tensor] = {}  # adapter index -> [out, r] * scale
         self.a_cat = self.b_cat = self.col_adapter = None
 
     def add(self, index: int, a: torch.Tensor, b_scaled: torch.Tensor) -> None:
-        self.lora_a[index], self.lora_b[index] = a, b_scaled
+        self.lora_a[index], self.lora_b[index] = a.contiguous(), b_scaled.contiguous()
         order = sorted(self.lora_a)
         self.a_cat = torch.cat([self.lora_a[i] for i in order]).contiguous()
         self.b_cat = torch.cat([self.lora_b[i] for i in order], dim=1).contiguous()
@@ -86,19 +84,42 @@ class MultiLoRALinear(nn.Module):
             [torch.full((self.lora_a[i].shape[0],), i, dtype=torch.long, device=a.device) for i in order]
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
+    def apply(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """`y` plus each row's adapter delta; `x` is the projection's input."""
         ctx = self.ctx
         if ctx.single is not None:
             a = self.lora_a.get(ctx.single)
-            if a is None:  # the base model, or an adapter that does not target this module
+            if a is None:  # the base model, or an adapter that does not target this projection
                 return y
             return y + (x @ a.t()) @ self.lora_b[ctx.single].t()
         if self.a_cat is None:
             return y
-        x2 = x.reshape(-1, self.in_features)
+        x2 = x.reshape(-1, x.shape[-1])
         xa = (x2 @ self.a_cat.t()) * ctx.mask_for(self.col_adapter, x.dtype)
         return y + (xa @ self.b_cat.t()).view_as(y)
+
+
+class MultiLoRALinear(nn.Module):
+    """A Linear of a transformers model plus the LoRA deltas of every adapter that targets it."""
+
+    def __init__(self, base: nn.Linear, ctx: LoRAContext):
+        super().__init__()
+        self.base = base
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.delta = LoRADelta(ctx)
+
+    def add(self, index: int, a: torch.Tensor, b_scaled: torch.Tensor) -> None:
+        self.delta.add(index, a, b_scaled)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.delta.apply(x, self.base(x))
+
+
+def lora_scale(cfg: dict) -> tuple[int, float]:
+    """(rank, scale) of a PEFT adapter_config."""
+    r = int(cfg.get("r", 8))
+    alpha = float(cfg.get("lora_alpha", r))
+    return r, alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
 
 
 @dataclass
@@ -144,9 +165,7 @@ def install_adapters(
     loaded = []
     for index, (name, path) in enumerate(adapters):
         cfg, modules = read_adapter_weights(path)
-        r = int(cfg.get("r", 8))
-        alpha = float(cfg.get("lora_alpha", r))
-        scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+        r, scale = lora_scale(cfg)
         for module_name, ab in modules.items():
             if set(ab) != {"A", "B"}:
                 raise LoRALoadError(f"adapter {name!r}: {module_name} lacks lora_{'B' if 'A' in ab else 'A'}")
@@ -167,6 +186,6 @@ def install_adapters(
                     f"adapter {name!r}: {module_name} has A {list(a.shape)} / B {list(b.shape)}, which does "
                     f"not fit the base's {target.in_features}->{target.out_features}; wrong base model"
                 )
-            target.add(index, a.contiguous(), (b * scale).contiguous())
+            target.add(index, a, b * scale)
         loaded.append(LoadedAdapter(name=name, index=index, rank=r, modules=sorted(modules)))
     return loaded

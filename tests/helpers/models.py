@@ -1,4 +1,4 @@
-"""Tiny offline model fixtures: a random 2-layer Llama sharing the default model's tokenizer."""
+"""Tiny offline model fixtures: random 2-layer Llama/Mistral/Qwen2 models sharing the default model's tokenizer."""
 
 from __future__ import annotations
 
@@ -15,11 +15,28 @@ TOKENIZER_FILES = (
 
 def make_tiny_llama(tokenizer_src: Path, out: Path, *, seed: int = 0, layers: int = 2) -> Path:
     """Save a small LlamaForCausalLM (hidden 64, 4 heads, 2 KV heads) with the real tokenizer to `out`."""
+    return make_tiny_model(tokenizer_src, out, seed=seed, layers=layers)
+
+
+def make_tiny_model(
+    tokenizer_src: Path,
+    out: Path,
+    *,
+    arch: str = "llama",
+    seed: int = 0,
+    layers: int = 2,
+    **config_overrides,
+) -> Path:
+    """A small random `arch` ("llama", "mistral", "qwen2") model with the real tokenizer, saved to `out`.
+
+    Biases (Qwen2's q/k/v) are drawn non-zero so that they matter in comparisons.
+    """
     import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, MistralConfig, Qwen2Config
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    config_cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[arch]
+    config = config_cls(
         vocab_size=49152,
         hidden_size=64,
         intermediate_size=128,
@@ -27,13 +44,18 @@ def make_tiny_llama(tokenizer_src: Path, out: Path, *, seed: int = 0, layers: in
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=2048,
-        tie_word_embeddings=True,
+        tie_word_embeddings=arch != "mistral",
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=2,
         dtype="float32",
+        **config_overrides,
     )
-    model = LlamaForCausalLM(config).to(torch.float32)
+    model = AutoModelForCausalLM.from_config(config).to(torch.float32)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0.0, 0.5)
     model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=2)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)

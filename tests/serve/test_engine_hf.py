@@ -62,12 +62,14 @@ async def run_all(engine, requests):
     return await asyncio.gather(*[one(r) for r in requests])
 
 
-def test_mixed_batch_matches_peft_reference(tiny_model_dir, adapters):
+@pytest.mark.parametrize("impl", ["native", "transformers"])
+def test_mixed_batch_matches_peft_reference(tiny_model_dir, adapters, impl):
     n = 12
 
     async def main():
-        engine = make_engine(tiny_model_dir, adapters, max_num_seqs=8)
+        engine = make_engine(tiny_model_dir, adapters, max_num_seqs=8, model_impl=impl)
         await engine.start()
+        assert engine.impl == impl
         tok = engine.tokenizer
         jobs = []
         for i, prompt in enumerate(PROMPTS):

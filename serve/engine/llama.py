@@ -1,0 +1,190 @@
+"""The Llama-family decoder (Llama, Mistral, Qwen2 checkpoints) written for the step loop.
+
+transformers' modeling code runs ~45 tensor ops and several Python layers per decoder layer and
+multiplies with `x @ W.T`; a one-token step of the 135M default model spends ~10 ms outside its
+matmuls that way. This runs the same math in ~15 ops per layer: q/k/v and gate/up packed into one
+matmul each (`gemm.Dense`, which picks the fastest formulation for the row count), RoPE as one
+complex multiply (q/k rows are permuted at load into interleaved pairs; permuting q and k alike
+leaves every q.k unchanged), fused RMSNorm, and `kv_cache.attend`. LoRA deltas of all adapters
+are applied per token (`lora.LoRADelta`, block B for packed projections).
+
+Weights are taken from the loaded transformers model (no second read of the checkpoint). Models it
+does not cover keep running through transformers; `unsupported_reason` says why.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from serve.engine.gemm import Dense
+from serve.engine.kv_cache import StepLayout, attend
+from serve.engine.lora import LoRAContext, LoRADelta, LoRALoadError, lora_scale, read_adapter_weights
+
+ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+# RoPE variants whose frequencies do not depend on the sequence length.
+STATIC_ROPE = ("default", "linear", "llama3", "yarn")
+
+
+def unsupported_reason(model: nn.Module, max_model_len: int) -> str | None:
+    """Why `model` cannot run natively (None when it can)."""
+    cfg, name = model.config, type(model).__name__
+    if name not in ARCHITECTURES:
+        return f"{name} is not one of {', '.join(ARCHITECTURES)}"
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        return f"hidden_act={cfg.hidden_act}"
+    if getattr(cfg, "mlp_bias", False):
+        return "mlp_bias=True"
+    rope_type = getattr(model.model.rotary_emb, "rope_type", "default")
+    if rope_type not in STATIC_ROPE:
+        return f"rope_type={rope_type} (frequencies change with the length)"
+    window = getattr(cfg, "sliding_window", None)
+    uses_window = name != "Qwen2ForCausalLM" or getattr(cfg, "use_sliding_window", False)
+    if window and uses_window and window < max_model_len:
+        return f"sliding_window={window} < max_model_len={max_model_len}"
+    return None
+
+
+def _rope_pairs(heads: int, head_dim: int) -> torch.Tensor:
+    """Row order turning transformers' half-split RoPE layout (i, i + d/2) into adjacent pairs."""
+    half = head_dim // 2
+    pairs = torch.stack([torch.arange(half), torch.arange(half) + half], dim=1).flatten()
+    return (torch.arange(heads).unsqueeze(1) * head_dim + pairs).flatten()
+
+
+class Projection:
+    """One matmul standing for one or several Linears of the checkpoint, plus their LoRA deltas."""
+
+    def __init__(self, parts: dict[str, tuple[nn.Linear, torch.Tensor | None]], ctx: LoRAContext):
+        weights, biases, self.parts = [], [], {}
+        start = 0
+        for name, (linear, rows) in parts.items():
+            w = linear.weight.detach()
+            b = linear.bias.detach() if linear.bias is not None else None
+            if rows is not None:
+                w, b = w[rows], (b[rows] if b is not None else None)
+            weights.append(w)
+            biases.append(b if b is not None else w.new_zeros(w.shape[0]))
+            self.parts[name] = (start, w.shape[0], linear.in_features, rows)
+            start += w.shape[0]
+        has_bias = any(linear.bias is not None for linear, _ in parts.values())
+        self.dense = Dense(
+            torch.cat(weights) if len(weights) > 1 else weights[0],
+            (torch.cat(biases) if len(biases) > 1 else biases[0]) if has_bias else None,
+        )
+        self.out_features = start
+        self.delta = LoRADelta(ctx)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.dense(x)
+        return self.delta.apply(x, y) if self.delta.lora_a else y
+
+    def add_adapter(self, index: int, ab: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """`ab`: part name -> (A `[r, in]`, scaled B `[out, r]`) for the parts this adapter targets."""
+        w = self.dense.weight
+        rank = sum(a.shape[0] for a, _ in ab.values())
+        a_cat = torch.cat([a for a, _ in ab.values()]).to(w)
+        b_block = w.new_zeros(self.out_features, rank)
+        col = 0
+        for name, (a, b) in ab.items():
+            start, out, _, rows = self.parts[name]
+            b_block[start : start + out, col : col + a.shape[0]] = b[rows] if rows is not None else b
+            col += a.shape[0]
+        self.delta.add(index, a_cat, b_block)
+
+
+class _Layer:
+    __slots__ = ("input_norm", "qkv", "o", "post_norm", "gate_up", "down")
+
+
+class NativeLlama:
+    """`forward(input_ids [T], positions [T], layout) -> hidden [T, H]`; `lm_head(hidden) -> logits`."""
+
+    def __init__(self, model: nn.Module, ctx: LoRAContext, max_model_len: int):
+        cfg = model.config
+        self.hidden = cfg.hidden_size
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(cfg, "head_dim", None) or self.hidden // self.heads
+        self.intermediate = cfg.intermediate_size
+        self.eps = cfg.rms_norm_eps
+        self.scaling = model.model.layers[0].self_attn.scaling
+        self.dtype = model.model.embed_tokens.weight.dtype
+        self.embed = model.model.embed_tokens.weight.detach()
+        self.norm = model.model.norm.weight.detach()
+        self.lm_head = Dense(model.lm_head.weight.detach())
+        q_rows = _rope_pairs(self.heads, self.head_dim)
+        k_rows = _rope_pairs(self.kv_heads, self.head_dim)
+        self.layers: list[_Layer] = []
+        self.targets: dict[str, tuple[Projection, str]] = {}  # checkpoint module name -> (projection, part)
+        for i, block in enumerate(model.model.layers):
+            attn, mlp, layer = block.self_attn, block.mlp, _Layer()
+            layer.input_norm = block.input_layernorm.weight.detach()
+            layer.post_norm = block.post_attention_layernorm.weight.detach()
+            layer.qkv = Projection({"q_proj": (attn.q_proj, q_rows), "k_proj": (attn.k_proj, k_rows),
+                                    "v_proj": (attn.v_proj, None)}, ctx)  # fmt: skip
+            layer.o = Projection({"o_proj": (attn.o_proj, None)}, ctx)
+            layer.gate_up = Projection({"gate_proj": (mlp.gate_proj, None), "up_proj": (mlp.up_proj, None)}, ctx)
+            layer.down = Projection({"down_proj": (mlp.down_proj, None)}, ctx)
+            for proj, prefix in ((layer.qkv, "self_attn"), (layer.o, "self_attn"),
+                                 (layer.gate_up, "mlp"), (layer.down, "mlp")):  # fmt: skip
+                for part in proj.parts:
+                    self.targets[f"model.layers.{i}.{prefix}.{part}"] = (proj, part)
+            self.layers.append(layer)
+        rotary = model.model.rotary_emb
+        angles = torch.outer(torch.arange(max_model_len, dtype=torch.float32), rotary.inv_freq.float().cpu())
+        scale = torch.full_like(angles, float(rotary.attention_scaling))
+        self.rope = torch.polar(scale, angles).to(self.embed.device)  # [max_len, d/2] complex64
+
+    def denses(self) -> list[Dense]:
+        out = [self.lm_head]
+        for layer in self.layers:
+            out += [layer.qkv.dense, layer.o.dense, layer.gate_up.dense, layer.down.dense]
+        return out
+
+    def add_adapter(self, index: int, name: str, path: Path) -> None:
+        cfg, modules = read_adapter_weights(path)
+        _, scale = lora_scale(cfg)
+        per_projection: dict[int, tuple[Projection, dict]] = {}
+        for module_name, ab in modules.items():
+            if set(ab) != {"A", "B"}:
+                raise LoRALoadError(f"adapter {name!r}: {module_name} lacks lora_{'B' if 'A' in ab else 'A'}")
+            target = self.targets.get(module_name)
+            if target is None:
+                raise LoRALoadError(
+                    f"adapter {name!r}: no LoRA-capable Linear {module_name!r} in the base model (only the "
+                    "attention and MLP projections can be served per request; merge it with llm-export)"
+                )
+            proj, part = target
+            _, out, in_features, _ = proj.parts[part]
+            a, b = ab["A"], ab["B"]
+            if a.shape != (a.shape[0], in_features) or b.shape != (out, a.shape[0]):
+                raise LoRALoadError(
+                    f"adapter {name!r}: {module_name} has A {list(a.shape)} / B {list(b.shape)}, which does "
+                    f"not fit the base's {in_features}->{out}; wrong base model"
+                )
+            per_projection.setdefault(id(proj), (proj, {}))[1][part] = (a, b * scale)
+        for proj, ab in per_projection.values():
+            proj.add_adapter(index, ab)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, layout: StepLayout) -> torch.Tensor:
+        t, d, nq, nkv = input_ids.shape[0], self.head_dim, self.heads, self.kv_heads
+        qk_size, inter, hidden = (nq + nkv) * d, self.intermediate, (self.hidden,)
+        rot = self.rope[positions].unsqueeze(1)  # [T, 1, d/2]
+        h = F.embedding(input_ids, self.embed)
+        for i, layer in enumerate(self.layers):
+            qkv = layer.qkv(F.rms_norm(h, hidden, layer.input_norm, self.eps))
+            qk = qkv[:, :qk_size].view(t, nq + nkv, d // 2, 2)
+            if self.dtype == torch.float32:
+                qk = torch.view_as_real(torch.view_as_complex(qk) * rot).view(t, nq + nkv, d)
+            else:
+                qk = torch.view_as_real(torch.view_as_complex(qk.float()) * rot).to(self.dtype).view(t, nq + nkv, d)
+            v = qkv[:, qk_size:].view(t, nkv, d)
+            attn = attend(i, qk[:, :nq], qk[:, nq:], v, layout, self.scaling)
+            h = h + layer.o(attn.view(t, nq * d))
+            gu = layer.gate_up(F.rms_norm(h, hidden, layer.post_norm, self.eps))
+            h = h + layer.down(F.silu(gu[:, :inter]) * gu[:, inter:])
+        return F.rms_norm(h, hidden, self.norm, self.eps)
