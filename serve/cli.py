@@ -33,7 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help=f["dtype"].description)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help=f["device"].description)
     p.add_argument("--engine", choices=["hf", "vllm"], help=f["engine"].description)
-    p.add_argument("--model-impl", choices=["auto", "native", "transformers"], help=f["model_impl"].description)
+    p.add_argument(
+        "--model-impl", choices=["auto", "native", "transformers"], help=f["model_impl"].description
+    )
     p.add_argument(
         "--allow-base-mismatch", action="store_true", default=None, help=f["allow_base_mismatch"].description
     )

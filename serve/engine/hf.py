@@ -136,8 +136,10 @@ class HFEngine(Engine):
         from serve.engine.gemm import tune_single_row
 
         impl = self.config.model_impl
-        reason = "model_impl=transformers" if impl == "transformers" else llama.unsupported_reason(
-            model, self.max_model_len
+        reason = (
+            "model_impl=transformers"
+            if impl == "transformers"
+            else llama.unsupported_reason(model, self.max_model_len)
         )
         if reason is not None:
             if impl == "native":

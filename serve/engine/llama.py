@@ -127,7 +127,9 @@ class NativeLlama:
             layer.qkv = Projection({"q_proj": (attn.q_proj, q_rows), "k_proj": (attn.k_proj, k_rows),
                                     "v_proj": (attn.v_proj, None)}, ctx)  # fmt: skip
             layer.o = Projection({"o_proj": (attn.o_proj, None)}, ctx)
-            layer.gate_up = Projection({"gate_proj": (mlp.gate_proj, None), "up_proj": (mlp.up_proj, None)}, ctx)
+            layer.gate_up = Projection(
+                {"gate_proj": (mlp.gate_proj, None), "up_proj": (mlp.up_proj, None)}, ctx
+            )
             layer.down = Projection({"down_proj": (mlp.down_proj, None)}, ctx)
             for proj, prefix in ((layer.qkv, "self_attn"), (layer.o, "self_attn"),
                                  (layer.gate_up, "mlp"), (layer.down, "mlp")):  # fmt: skip
@@ -181,7 +183,11 @@ class NativeLlama:
             if self.dtype == torch.float32:
                 qk = torch.view_as_real(torch.view_as_complex(qk) * rot).view(t, nq + nkv, d)
             else:
-                qk = torch.view_as_real(torch.view_as_complex(qk.float()) * rot).to(self.dtype).view(t, nq + nkv, d)
+                qk = (
+                    torch.view_as_real(torch.view_as_complex(qk.float()) * rot)
+                    .to(self.dtype)
+                    .view(t, nq + nkv, d)
+                )
             v = qkv[:, qk_size:].view(t, nkv, d)
             attn = attend(i, qk[:, :nq], qk[:, nq:], v, layout, self.scaling)
             h = h + layer.o(attn.view(t, nq * d))
