@@ -26,29 +26,50 @@ MIN_GAIN = 0.15
 
 
 class Dense:
-    """`y = x @ W.T (+ b)` for `x [M, K]`, choosing the fastest formulation for M."""
+    """`y = x @ W.T (+ b)` for `x [M, K]`, choosing the fastest formulation for M.
 
-    __slots__ = ("weight", "bias", "weight_t", "cpu")
+    `y` may be a transposed view (`[M, N]` with strides `(1, M)`); call `.contiguous()` where a
+    `view` of it is needed.
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    `weight` may carry `lead` extra rows before the output rows: a projection's LoRA A matrices,
+    computed in the same matmul (`with_lead`) when a step has adapter rows; `__call__` skips them.
+    """
+
+    __slots__ = ("weight", "bias", "weight_t", "cpu", "lead", "w", "w_t")
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, lead: int = 0):
         self.weight = weight.contiguous()
         self.bias = bias
-        self.weight_t: torch.Tensor | None = None
+        self.lead = lead
         self.cpu = weight.device.type == "cpu"
+        self.w = self.weight[lead:]
+        self.set_transposed(None)
 
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.weight.shape)
 
+    def set_transposed(self, weight_t: torch.Tensor | None) -> None:
+        """Keep (or drop, with None) the `[K, lead + N]` copy used for one-row steps."""
+        self.weight_t = weight_t
+        self.w_t = weight_t[:, self.lead :] if weight_t is not None else None
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         m = x.shape[0]
         if not self.cpu or m > SMALL_M:
-            return F.linear(x, self.weight, self.bias)
-        if m == 1 and self.weight_t is not None:
-            y = x @ self.weight_t
-        else:
-            y = (self.weight @ x.t()).t().contiguous()
+            return F.linear(x, self.w, self.bias)
+        # One row: the transposed copy; else a transposed view, which the next matmul reads as is.
+        y = x @ self.w_t if m == 1 and self.w_t is not None else (self.w @ x.t()).t()
         return y if self.bias is None else y + self.bias
+
+    def with_lead(self, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """All rows, lead included, without bias: `([M, lead + N], False)` or `([lead + N, M], True)`."""
+        m = x.shape[0]
+        if not self.cpu or m > SMALL_M:
+            return F.linear(x, self.weight), False
+        if m == 1 and self.weight_t is not None:
+            return x @ self.weight_t, False
+        return self.weight @ x.t(), True
 
 
 def tune_single_row(denses: list[Dense], max_extra_bytes: int | None = None) -> int:
@@ -71,10 +92,10 @@ def tune_single_row(denses: list[Dense], max_extra_bytes: int | None = None) -> 
         x = torch.randn(1, shape[1], dtype=group[0].weight.dtype)
         plain = _time_pass(group, x)
         for d in group:
-            d.weight_t = d.weight.t().contiguous()
+            d.set_transposed(d.weight.t().contiguous())
         copied = _time_pass(group, x)
         for d in group:
-            d.weight_t = None
+            d.set_transposed(None)
         size = sum(d.weight.numel() * d.weight.element_size() for d in group)
         gains.append((1 - copied / plain, shape, group, size, plain, copied))
     added = 0
@@ -86,7 +107,7 @@ def tune_single_row(denses: list[Dense], max_extra_bytes: int | None = None) -> 
         )  # fmt: skip
         if keep:
             for d in group:
-                d.weight_t = d.weight.t().contiguous()
+                d.set_transposed(d.weight.t().contiguous())
             added += size
     return added
 

@@ -36,7 +36,8 @@ class StepLayout:
     decode_positions: torch.Tensor  # [B] long, position of each decode token
     decode_max_len: int  # longest attended prefix among decode rows (position + 1)
     prefills: list[PrefillSegment] = field(default_factory=list)
-    decode_mask: torch.Tensor | None = None  # [B, 1, 1, decode_max_len] bool
+    decode_mask: torch.Tensor | None = None  # [B, 1, 1, decode_max_len], 0 or -inf
+    decode_rows: torch.Tensor | None = None  # [B * kv_heads] rows of the flattened cache the new tokens go to
     decode_is_prefix: bool = False  # decode slots are exactly 0..B-1: read the cache as a view
 
     @property
@@ -103,9 +104,9 @@ def attend(
     out = q.new_empty(q.shape)
 
     if n_dec:
-        slots, pos = layout.decode_slots, layout.decode_positions
-        kc[slots, :, pos] = k[:n_dec]
-        vc[slots, :, pos] = v[:n_dec]
+        slots, d = layout.decode_slots, k.shape[-1]
+        kc.view(-1, d).index_copy_(0, layout.decode_rows, k[:n_dec].reshape(-1, d))
+        vc.view(-1, d).index_copy_(0, layout.decode_rows, v[:n_dec].reshape(-1, d))
         length = layout.decode_max_len
         kk = kc[:n_dec, :, :length] if layout.decode_is_prefix else kc[slots, :, :length]
         vv = vc[:n_dec, :, :length] if layout.decode_is_prefix else vc[slots, :, :length]
@@ -142,12 +143,20 @@ def slot_attention(module, query, key, value, attention_mask, scaling=None, drop
 
 
 def finalize_layout(layout: StepLayout) -> StepLayout:
-    """Precompute the decode mask and whether decode slots are exactly 0..B-1 (a view, no gather)."""
+    """Precompute cache rows, the decode mask and whether decode slots are exactly 0..B-1 (a view, no gather)."""
     n = layout.num_decode
     if n:
-        arange = torch.arange(layout.decode_max_len, device=layout.decode_positions.device)
+        cache, dev = layout.cache, layout.decode_positions.device
+        kv_heads = cache.keys[0].shape[1]
+        heads = torch.arange(kv_heads, device=dev).unsqueeze(0)
+        rows = (layout.decode_slots.unsqueeze(1) * kv_heads + heads) * cache.max_len
+        layout.decode_rows = (rows + layout.decode_positions.unsqueeze(1)).flatten()
+        arange = torch.arange(layout.decode_max_len, device=dev)
         if n > 1:  # one row attends over exactly its own prefix: no mask needed
-            mask = arange.unsqueeze(0) <= layout.decode_positions.unsqueeze(1)
+            # Additive float mask, built once per step (SDPA would convert a bool mask in every layer).
+            past_end = arange.unsqueeze(0) > layout.decode_positions.unsqueeze(1)
+            dtype = cache.keys[0].dtype
+            mask = torch.zeros(past_end.shape, dtype=dtype, device=dev).masked_fill_(past_end, float("-inf"))
             layout.decode_mask = mask.view(n, 1, 1, -1)
         layout.decode_is_prefix = bool(
             torch.equal(layout.decode_slots, torch.arange(n, device=layout.decode_slots.device))

@@ -6,7 +6,7 @@ matmuls that way. This runs the same math in ~15 ops per layer: q/k/v and gate/u
 matmul each (`gemm.Dense`, which picks the fastest formulation for the row count), RoPE as one
 complex multiply (q/k rows are permuted at load into interleaved pairs; permuting q and k alike
 leaves every q.k unchanged), fused RMSNorm, and `kv_cache.attend`. LoRA deltas of all adapters
-are applied per token (`lora.LoRADelta`, block B for packed projections).
+are applied per token, their A matrices fused into the base matmul (`Projection`).
 
 Weights are taken from the loaded transformers model (no second read of the checkpoint). Models it
 does not cover keep running through transformers; `unsupported_reason` says why.
@@ -22,7 +22,7 @@ from torch import nn
 
 from serve.engine.gemm import Dense
 from serve.engine.kv_cache import StepLayout, attend
-from serve.engine.lora import LoRAContext, LoRADelta, LoRALoadError, lora_scale, read_adapter_weights
+from serve.engine.lora import LoRAContext, LoRALoadError, column_owners, lora_scale, read_adapter_weights
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 # RoPE variants whose frequencies do not depend on the sequence length.
@@ -56,7 +56,13 @@ def _rope_pairs(heads: int, head_dim: int) -> torch.Tensor:
 
 
 class Projection:
-    """One matmul standing for one or several Linears of the checkpoint, plus their LoRA deltas."""
+    """One matmul standing for one or several Linears of the checkpoint, plus their LoRA deltas.
+
+    The A matrices of every adapter are stacked above the base weight, so a step with adapter rows
+    gets `x @ A.T` from the same matmul as the base output (one BLAS call instead of two); then one
+    `addmm` adds `B @ xA` (the row's own adapter's columns only, by mask, when adapters mix). Packed
+    projections (q/k/v) get a block B. Base-only steps read just the base rows.
+    """
 
     def __init__(self, parts: dict[str, tuple[nn.Linear, torch.Tensor | None]], ctx: LoRAContext):
         weights, biases, self.parts = [], [], {}
@@ -76,24 +82,66 @@ class Projection:
             (torch.cat(biases) if len(biases) > 1 else biases[0]) if has_bias else None,
         )
         self.out_features = start
-        self.delta = LoRADelta(ctx)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.dense(x)
-        return self.delta.apply(x, y) if self.delta.lora_a else y
+        self.ctx = ctx
+        self.lora_a: dict[int, torch.Tensor] = {}  # adapter index -> [r, in]
+        self.lora_b: dict[int, torch.Tensor] = {}  # adapter index -> [out, r], scaled, block for packed parts
+        self.columns: dict[int, tuple[int, int]] = {}  # adapter index -> (first lead row, rank)
+        self.b_cat = self.col_adapter = None
 
     def add_adapter(self, index: int, ab: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """`ab`: part name -> (A `[r, in]`, scaled B `[out, r]`) for the parts this adapter targets."""
-        w = self.dense.weight
+        """`ab`: part name -> (A `[r, in]`, scaled B `[out, r]`) for the parts this adapter targets.
+
+        Takes effect at `finalize`."""
+        w = self.dense.w
         rank = sum(a.shape[0] for a, _ in ab.values())
-        a_cat = torch.cat([a for a, _ in ab.values()]).to(w)
         b_block = w.new_zeros(self.out_features, rank)
         col = 0
         for name, (a, b) in ab.items():
             start, out, _, rows = self.parts[name]
             b_block[start : start + out, col : col + a.shape[0]] = b[rows] if rows is not None else b
             col += a.shape[0]
-        self.delta.add(index, a_cat, b_block)
+        self.lora_a[index] = torch.cat([a for a, _ in ab.values()]).to(w)
+        self.lora_b[index] = b_block.contiguous()
+
+    def finalize(self) -> None:
+        """Stack every adapter's A above the base weight (once, after all adapters are added)."""
+        if not self.lora_a:
+            return
+        order = sorted(self.lora_a)
+        lead = 0
+        for i in order:
+            self.columns[i] = (lead, self.lora_a[i].shape[0])
+            lead += self.lora_a[i].shape[0]
+        base = self.dense
+        self.dense = Dense(torch.cat([*(self.lora_a[i] for i in order), base.w]), base.bias, lead=lead)
+        self.b_cat = torch.cat([self.lora_b[i] for i in order], dim=1).contiguous()
+        self.col_adapter = self.ctx.shared(
+            column_owners({i: self.columns[i][1] for i in order}, base.w.device)
+        )
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        ctx, dense = self.ctx, self.dense
+        single = ctx.single
+        if not self.columns or (single is not None and single not in self.columns):
+            return dense(x)  # base rows only, or an adapter that does not target this projection
+        full, transposed = dense.with_lead(x)
+        lead = dense.lead
+        if transposed:  # [lead + N, M]
+            xa, y = full[:lead], full[lead:]
+            if single is not None:
+                first, r = self.columns[single]
+                y.addmm_(self.lora_b[single], xa[first : first + r])
+            else:
+                y.addmm_(self.b_cat, xa * ctx.mask_t_for(self.col_adapter, x.dtype))
+            y = y.t()
+        else:  # [M, lead + N]
+            xa, y = full[:, :lead], full[:, lead:]
+            if single is not None:
+                first, r = self.columns[single]
+                y = torch.addmm(y, xa[:, first : first + r], self.lora_b[single].t())
+            else:
+                y = torch.addmm(y, xa * ctx.mask_for(self.col_adapter, x.dtype), self.b_cat.t())
+        return y if dense.bias is None else y + dense.bias
 
 
 class _Layer:
@@ -115,7 +163,7 @@ class NativeLlama:
         self.dtype = model.model.embed_tokens.weight.dtype
         self.embed = model.model.embed_tokens.weight.detach()
         self.norm = model.model.norm.weight.detach()
-        self.lm_head = Dense(model.lm_head.weight.detach())
+        self.lm_head_dense = Dense(model.lm_head.weight.detach())
         q_rows = _rope_pairs(self.heads, self.head_dim)
         k_rows = _rope_pairs(self.kv_heads, self.head_dim)
         self.layers: list[_Layer] = []
@@ -141,8 +189,11 @@ class NativeLlama:
         scale = torch.full_like(angles, float(rotary.attention_scaling))
         self.rope = torch.polar(scale, angles).to(self.embed.device)  # [max_len, d/2] complex64
 
+    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head_dense(hidden).contiguous()
+
     def denses(self) -> list[Dense]:
-        out = [self.lm_head]
+        out = [self.lm_head_dense]
         for layer in self.layers:
             out += [layer.qkv.dense, layer.o.dense, layer.gate_up.dense, layer.down.dense]
         return out
@@ -172,13 +223,18 @@ class NativeLlama:
         for proj, ab in per_projection.values():
             proj.add_adapter(index, ab)
 
+    def finalize_adapters(self) -> None:
+        for layer in self.layers:
+            for proj in (layer.qkv, layer.o, layer.gate_up, layer.down):
+                proj.finalize()
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, layout: StepLayout) -> torch.Tensor:
         t, d, nq, nkv = input_ids.shape[0], self.head_dim, self.heads, self.kv_heads
         qk_size, inter, hidden = (nq + nkv) * d, self.intermediate, (self.hidden,)
         rot = self.rope[positions].unsqueeze(1)  # [T, 1, d/2]
         h = F.embedding(input_ids, self.embed)
         for i, layer in enumerate(self.layers):
-            qkv = layer.qkv(F.rms_norm(h, hidden, layer.input_norm, self.eps))
+            qkv = layer.qkv(F.rms_norm(h, hidden, layer.input_norm, self.eps)).contiguous()
             qk = qkv[:, :qk_size].view(t, nq + nkv, d // 2, 2)
             if self.dtype == torch.float32:
                 qk = torch.view_as_real(torch.view_as_complex(qk) * rot).view(t, nq + nkv, d)

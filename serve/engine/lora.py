@@ -39,9 +39,11 @@ class LoRAContext:
     single: int | None = None
     rows: torch.Tensor | None = None
     _masks: dict = field(default_factory=dict)
+    _masks_t: dict = field(default_factory=dict)
+    _shared: dict = field(default_factory=dict)
 
     def set_rows(self, adapter_per_row: list[int], device=None) -> None:
-        self._masks = {}
+        self._masks, self._masks_t = {}, {}
         first = adapter_per_row[0] if adapter_per_row else -1
         if all(a == first for a in adapter_per_row):
             self.single, self.rows = first, None
@@ -56,6 +58,20 @@ class LoRAContext:
             mask = (self.rows.unsqueeze(1) == col_adapter.unsqueeze(0)).to(dtype)
             self._masks[key] = mask
         return mask
+
+    def mask_t_for(self, col_adapter: torch.Tensor, dtype) -> torch.Tensor:
+        """`mask_for` transposed (`[cols, T]`), for matmuls done in transposed space."""
+        key = col_adapter.data_ptr()
+        mask = self._masks_t.get(key)
+        if mask is None:
+            mask = (col_adapter.unsqueeze(1) == self.rows.unsqueeze(0)).to(dtype)
+            self._masks_t[key] = mask
+        return mask
+
+    def shared(self, col_adapter: torch.Tensor) -> torch.Tensor:
+        """One tensor per distinct column layout, so each step builds a layout's mask once, not once
+        per projection of every layer."""
+        return self._shared.setdefault((col_adapter.device, tuple(col_adapter.tolist())), col_adapter)
 
 
 class LoRADelta:
@@ -80,8 +96,8 @@ class LoRADelta:
         order = sorted(self.lora_a)
         self.a_cat = torch.cat([self.lora_a[i] for i in order]).contiguous()
         self.b_cat = torch.cat([self.lora_b[i] for i in order], dim=1).contiguous()
-        self.col_adapter = torch.cat(
-            [torch.full((self.lora_a[i].shape[0],), i, dtype=torch.long, device=a.device) for i in order]
+        self.col_adapter = self.ctx.shared(
+            column_owners({i: self.lora_a[i].shape[0] for i in order}, a.device)
         )
 
     def apply(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -113,6 +129,11 @@ class MultiLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.delta.apply(x, self.base(x))
+
+
+def column_owners(ranks: dict[int, int], device) -> torch.Tensor:
+    """`[sum r]`: the adapter index owning each column of concatenated A matrices (in `ranks` order)."""
+    return torch.cat([torch.full((r,), i, dtype=torch.long, device=device) for i, r in ranks.items()])
 
 
 def lora_scale(cfg: dict) -> tuple[int, float]:

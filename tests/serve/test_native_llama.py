@@ -91,13 +91,21 @@ def test_uncovered_model_falls_back_or_is_refused(default_model, tmp_path):
 @pytest.mark.parametrize("transposed_copy", [False, True])
 def test_dense_formulations_agree(rows, transposed_copy):
     torch.manual_seed(0)
-    weight, bias, x = torch.randn(96, 40), torch.randn(96), torch.randn(rows, 40)
-    dense = Dense(weight, bias)
+    lead_rows, weight, bias, x = (
+        torch.randn(8, 40),
+        torch.randn(96, 40),
+        torch.randn(96),
+        torch.randn(rows, 40),
+    )
+    dense = Dense(torch.cat([lead_rows, weight]), bias, lead=8)
     if transposed_copy:
-        dense.weight_t = weight.t().contiguous()
+        dense.set_transposed(dense.weight.t().contiguous())
     y = dense(x)
-    assert y.is_contiguous() and y.shape == (rows, 96)
+    assert y.shape == (rows, 96)
     torch.testing.assert_close(y, torch.nn.functional.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
+    full, transposed = dense.with_lead(x)
+    full = full.t() if transposed else full
+    torch.testing.assert_close(full, x @ dense.weight.t(), rtol=1e-5, atol=1e-5)
 
 
 def test_tuning_respects_the_memory_cap():
