@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 ATTN_IMPLEMENTATION = "llm_serve_slots"
+ZERO_AHEAD = 256  # positions a slot's never-written cache is zeroed ahead of its reads
 
 
 @dataclass
@@ -63,13 +64,19 @@ class SlotKVCache:
         self.initialized[slot] = max(self.initialized[slot], end)
 
     def ensure_initialized(self, slots: list[int], length: int) -> None:
+        """Positions below `length` of every slot in `slots` hold finite values.
+
+        Zeroes ahead in blocks of `ZERO_AHEAD` positions: rows lagging behind the longest decode
+        row would otherwise need one zeroing per layer at every step.
+        """
         for slot in slots:
             start = self.initialized[slot]
             if start < length:
+                end = min(self.max_len, max(length, start + ZERO_AHEAD))
                 for k, v in zip(self.keys, self.values, strict=True):
-                    k[slot, :, start:length].zero_()
-                    v[slot, :, start:length].zero_()
-                self.initialized[slot] = length
+                    k[slot, :, start:end].zero_()
+                    v[slot, :, start:end].zero_()
+                self.initialized[slot] = end
 
     @staticmethod
     def bytes_needed(num_layers, slots, kv_heads, max_len, head_dim, dtype) -> int:
@@ -110,10 +117,12 @@ def attend(
         length = layout.decode_max_len
         kk = kc[:n_dec, :, :length] if layout.decode_is_prefix else kc[slots, :, :length]
         vv = vc[:n_dec, :, :length] if layout.decode_is_prefix else vc[slots, :, :length]
-        o = F.scaled_dot_product_attention(
-            q[:n_dec].unsqueeze(2), kk, vv, attn_mask=layout.decode_mask, scale=scaling, enable_gqa=True
-        )  # [B, heads, 1, d]
-        out[:n_dec] = o.squeeze(2)
+        # The query heads sharing a KV head attend as that head's "rows" (no causal order among
+        # them): K/V are read once per KV head, not once per query head.
+        kv_heads = kk.shape[1]
+        qd = q[:n_dec].reshape(n_dec, kv_heads, q.shape[1] // kv_heads, d)
+        o = F.scaled_dot_product_attention(qd, kk, vv, attn_mask=layout.decode_mask, scale=scaling)
+        out[:n_dec] = o.view(n_dec, q.shape[1], d)
 
     for seg in layout.prefills:
         a, b = seg.offset, seg.offset + seg.length
