@@ -10,27 +10,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from serve.atomic import write_json_atomic
+
 MANIFEST = "run_manifest.json"
 PACKAGES = ("llm-serve", "llamafactory", "torch", "transformers", "peft", "trl", "accelerate", "datasets")
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; these files are meant to be read by others
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, ensure_ascii=False, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _cache_path() -> Path:

@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from serve.atomic import write_json_atomic
 from train.config import TrainConfig
 from train.launch import (
     Launch,
@@ -32,7 +33,7 @@ from train.launch import (
     has_cuda,
     llamafactory_args,
 )
-from train.manifest import MANIFEST, build_manifest, file_sha256, read_trainer_log, write_json_atomic
+from train.manifest import MANIFEST, build_manifest, file_sha256, read_trainer_log
 from train.worker import INTERRUPTED_EXIT
 
 RESOLVED_CONFIG = "llm_train_config.yaml"

@@ -18,11 +18,12 @@ import contextlib
 import fcntl
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+
+from serve.atomic import write_json_atomic
 
 KTO_FILE = "kto.jsonl"
 DPO_FILE = "dpo.jsonl"
@@ -124,11 +125,7 @@ class FeedbackStore:
         if all(info.get(name) == spec for name, spec in DATASET_INFO.items()):
             return
         info.update(DATASET_INFO)
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".dataset_info.", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(info, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-        os.replace(tmp, path)
+        write_json_atomic(path, info)
 
     def _append(self, file_name: str, dataset: str, row: dict) -> SavedRow:
         line = json.dumps(row, ensure_ascii=False) + "\n"

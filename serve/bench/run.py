@@ -35,6 +35,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
+from serve.atomic import write_json_atomic
 from serve.bench import peers, report
 from serve.bench.loadgen import LoadConfig, make_requests, run
 from serve.bench.memory import RssSampler, tree_rss
@@ -256,13 +257,6 @@ def bench_target(
         proc.stop()
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-
-
 def bench(cfg: BenchConfig) -> tuple[dict, Path]:
     """Run every target and scenario; return the report and where it was written."""
     from serve.bench.prompts import load_tokenizer
@@ -296,7 +290,7 @@ def bench(cfg: BenchConfig) -> tuple[dict, Path]:
         data["adapter_ratios"] = report.adapter_ratios(data["targets"])
         data["checks"] = report.checks(data["targets"])
         data["wall_s"] = time.monotonic() - started
-        write_json_atomic(out_path, data)
+        write_json_atomic(out_path, data, default=str)
 
     try:
         for target in cfg.targets:

@@ -77,7 +77,7 @@ def tune_single_row(denses: list[Dense], max_extra_bytes: int | None = None) -> 
 
     Each shape is timed over all its weights in turn, so the figures are for weights out of cache as
     in a real step. Returns the bytes added; stays within `max_extra_bytes` (default: a quarter of
-    the memory available now), best gains first.
+    the memory available now), largest groups first.
     """
     cpu = [d for d in denses if d.cpu]
     if not cpu:
@@ -87,28 +87,29 @@ def tune_single_row(denses: list[Dense], max_extra_bytes: int | None = None) -> 
     by_shape: dict[tuple[int, int], list[Dense]] = {}
     for d in cpu:
         by_shape.setdefault(d.shape, []).append(d)
-    gains = []
-    for shape, group in by_shape.items():
+    added = 0
+    # Largest groups first: they gain the most; a group that would pass the cap is not tried.
+    for shape, group in sorted(by_shape.items(), key=lambda kv: -kv[0][0] * kv[0][1] * len(kv[1])):
+        size = sum(d.weight.numel() * d.weight.element_size() for d in group)
+        if added + size > max_extra_bytes:
+            logger.info("one-row matmul %s x%d: no transposed copy (memory cap)", list(shape), len(group))
+            continue
         x = torch.randn(1, shape[1], dtype=group[0].weight.dtype)
         plain = _time_pass(group, x)
         for d in group:
             d.set_transposed(d.weight.t().contiguous())
         copied = _time_pass(group, x)
-        for d in group:
-            d.set_transposed(None)
-        size = sum(d.weight.numel() * d.weight.element_size() for d in group)
-        gains.append((1 - copied / plain, shape, group, size, plain, copied))
-    added = 0
-    for gain, shape, group, size, plain, copied in sorted(gains, key=lambda g: g[0], reverse=True):
-        keep = gain >= MIN_GAIN and added + size <= max_extra_bytes
+        gain = 1 - copied / plain
+        keep = gain >= MIN_GAIN
         logger.info(
             "one-row matmul %s x%d: %.0f -> %.0f us with a transposed copy (%+.0f%%): %s",
             list(shape), len(group), plain * 1e6, copied * 1e6, -gain * 100, "kept" if keep else "not kept",
         )  # fmt: skip
         if keep:
-            for d in group:
-                d.set_transposed(d.weight.t().contiguous())
             added += size
+        else:
+            for d in group:
+                d.set_transposed(None)
     return added
 
 

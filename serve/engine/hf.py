@@ -149,7 +149,7 @@ class HFEngine(Engine):
         native = llama.NativeLlama(model, self.lora_ctx, self.max_model_len)
         for index, spec in enumerate(self.adapter_specs):
             native.add_adapter(index, spec.name, spec.path)
-        native.finalize_adapters()
+        native.finalize()
         extra = tune_single_row(native.denses())
         if extra:
             logger.info("one-row matmuls: %.0f MB of transposed weight copies", extra / 2**20)

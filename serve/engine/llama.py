@@ -65,34 +65,30 @@ class Projection:
     """
 
     def __init__(self, parts: dict[str, tuple[nn.Linear, torch.Tensor | None]], ctx: LoRAContext):
-        weights, biases, self.parts = [], [], {}
+        self.pieces, biases, self.parts = [], [], {}
         start = 0
         for name, (linear, rows) in parts.items():
             w = linear.weight.detach()
             b = linear.bias.detach() if linear.bias is not None else None
             if rows is not None:
                 w, b = w[rows], (b[rows] if b is not None else None)
-            weights.append(w)
+            self.pieces.append(w)
             biases.append(b if b is not None else w.new_zeros(w.shape[0]))
             self.parts[name] = (start, w.shape[0], linear.in_features, rows)
             start += w.shape[0]
         has_bias = any(linear.bias is not None for linear, _ in parts.values())
-        self.dense = Dense(
-            torch.cat(weights) if len(weights) > 1 else weights[0],
-            (torch.cat(biases) if len(biases) > 1 else biases[0]) if has_bias else None,
-        )
+        self.bias = (torch.cat(biases) if len(biases) > 1 else biases[0]) if has_bias else None
         self.out_features = start
         self.ctx = ctx
+        self.dense: Dense | None = None  # built by `finalize`, once every adapter is known
         self.lora_a: dict[int, torch.Tensor] = {}  # adapter index -> [r, in]
         self.lora_b: dict[int, torch.Tensor] = {}  # adapter index -> [out, r], scaled, block for packed parts
         self.columns: dict[int, tuple[int, int]] = {}  # adapter index -> (first lead row, rank)
         self.b_cat = self.col_adapter = None
 
     def add_adapter(self, index: int, ab: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """`ab`: part name -> (A `[r, in]`, scaled B `[out, r]`) for the parts this adapter targets.
-
-        Takes effect at `finalize`."""
-        w = self.dense.w
+        """`ab`: part name -> (A `[r, in]`, scaled B `[out, r]`) for the parts this adapter targets."""
+        w = self.pieces[0]
         rank = sum(a.shape[0] for a, _ in ab.values())
         b_block = w.new_zeros(self.out_features, rank)
         col = 0
@@ -104,20 +100,21 @@ class Projection:
         self.lora_b[index] = b_block.contiguous()
 
     def finalize(self) -> None:
-        """Stack every adapter's A above the base weight (once, after all adapters are added)."""
-        if not self.lora_a:
-            return
+        """Build the one weight: every adapter's A stacked above the packed base rows (one copy;
+        a copy even for a lone Linear: transformers may load the checkpoint as one buffer, which
+        would stay alive, whole, while any tensor viewing it does)."""
         order = sorted(self.lora_a)
         lead = 0
         for i in order:
             self.columns[i] = (lead, self.lora_a[i].shape[0])
             lead += self.lora_a[i].shape[0]
-        base = self.dense
-        self.dense = Dense(torch.cat([*(self.lora_a[i] for i in order), base.w]), base.bias, lead=lead)
-        self.b_cat = torch.cat([self.lora_b[i] for i in order], dim=1).contiguous()
-        self.col_adapter = self.ctx.shared(
-            column_owners({i: self.columns[i][1] for i in order}, base.w.device)
-        )
+        rows = [*(self.lora_a[i] for i in order), *self.pieces]
+        self.dense = Dense(torch.cat(rows) if len(rows) > 1 else rows[0].clone(), self.bias, lead=lead)
+        self.pieces = []
+        if order:
+            device = self.dense.weight.device
+            self.b_cat = torch.cat([self.lora_b[i] for i in order], dim=1).contiguous()
+            self.col_adapter = self.ctx.shared(column_owners({i: self.columns[i][1] for i in order}, device))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         ctx, dense = self.ctx, self.dense
@@ -149,7 +146,11 @@ class _Layer:
 
 
 class NativeLlama:
-    """`forward(input_ids [T], positions [T], layout) -> hidden [T, H]`; `lm_head(hidden) -> logits`."""
+    """`forward(input_ids [T], positions [T], layout) -> hidden [T, H]`; `lm_head(hidden) -> logits`.
+
+    Takes the weights out of `model` (its copied Linears are removed as it goes, so the checkpoint
+    is not held twice); add adapters, then `finalize()`.
+    """
 
     def __init__(self, model: nn.Module, ctx: LoRAContext, max_model_len: int):
         cfg = model.config
@@ -161,17 +162,18 @@ class NativeLlama:
         self.eps = cfg.rms_norm_eps
         self.scaling = model.model.layers[0].self_attn.scaling
         self.dtype = model.model.embed_tokens.weight.dtype
-        self.embed = model.model.embed_tokens.weight.detach()
-        self.norm = model.model.norm.weight.detach()
-        self.lm_head_dense = Dense(model.lm_head.weight.detach())
+        self.embed = model.model.embed_tokens.weight.detach().clone()
+        self.norm = model.model.norm.weight.detach().clone()
+        tied = model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+        self.lm_head_dense = Dense(self.embed if tied else model.lm_head.weight.detach().clone())
         q_rows = _rope_pairs(self.heads, self.head_dim)
         k_rows = _rope_pairs(self.kv_heads, self.head_dim)
         self.layers: list[_Layer] = []
         self.targets: dict[str, tuple[Projection, str]] = {}  # checkpoint module name -> (projection, part)
         for i, block in enumerate(model.model.layers):
             attn, mlp, layer = block.self_attn, block.mlp, _Layer()
-            layer.input_norm = block.input_layernorm.weight.detach()
-            layer.post_norm = block.post_attention_layernorm.weight.detach()
+            layer.input_norm = block.input_layernorm.weight.detach().clone()
+            layer.post_norm = block.post_attention_layernorm.weight.detach().clone()
             layer.qkv = Projection({"q_proj": (attn.q_proj, q_rows), "k_proj": (attn.k_proj, k_rows),
                                     "v_proj": (attn.v_proj, None)}, ctx)  # fmt: skip
             layer.o = Projection({"o_proj": (attn.o_proj, None)}, ctx)
@@ -179,6 +181,9 @@ class NativeLlama:
                 {"gate_proj": (mlp.gate_proj, None), "up_proj": (mlp.up_proj, None)}, ctx
             )
             layer.down = Projection({"down_proj": (mlp.down_proj, None)}, ctx)
+            for linear in ("q_proj", "k_proj", "v_proj"):  # copied (permuted or packed): free them now
+                setattr(attn, linear, None)
+            mlp.gate_proj = mlp.up_proj = None
             for proj, prefix in ((layer.qkv, "self_attn"), (layer.o, "self_attn"),
                                  (layer.gate_up, "mlp"), (layer.down, "mlp")):  # fmt: skip
                 for part in proj.parts:
@@ -223,7 +228,8 @@ class NativeLlama:
         for proj, ab in per_projection.values():
             proj.add_adapter(index, ab)
 
-    def finalize_adapters(self) -> None:
+    def finalize(self) -> None:
+        """Build every projection's weight; call once, after `add_adapter` for each adapter."""
         for layer in self.layers:
             for proj in (layer.qkv, layer.o, layer.gate_up, layer.down):
                 proj.finalize()

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import queue
-import tempfile
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from serve.atomic import atomic_path, write_text_atomic
 from train.data.chunking import Chunk
 
 OutputFormat = Literal["json", "jsonl", "parquet"]
@@ -76,7 +76,7 @@ class ChunkJournal:
                 )
         else:
             self.partial.unlink(missing_ok=True)
-            _atomic_write_text(
+            write_text_atomic(
                 self.state, json.dumps({"fingerprint": self.fingerprint}, ensure_ascii=False, indent=1)
             )
         return self._read()
@@ -232,32 +232,14 @@ def check_output(path: Path, overwrite: bool) -> None:
 
 def write_rows(rows: list[dict], path: Path, fmt: OutputFormat) -> None:
     """Write alpaca-style rows as json (one array), jsonl or parquet, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    if fmt not in ("json", "jsonl", "parquet"):
+        raise ValueError(f"unknown output format {fmt!r}")
+    with atomic_path(path) as tmp:
         if fmt == "json":
-            Path(tmp).write_text(json.dumps(rows, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+            tmp.write_text(json.dumps(rows, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
         elif fmt == "jsonl":
-            Path(tmp).write_text(
-                "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"
-            )
-        elif fmt == "parquet":
+            tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        else:
             import pandas as pd
 
             pd.DataFrame(rows).to_parquet(tmp, index=False)
-        else:
-            raise ValueError(f"unknown output format {fmt!r}")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from train.manifest import write_json_atomic
+from serve.atomic import write_json_atomic
 
 DATASET_INFO = "dataset_info.json"
 
