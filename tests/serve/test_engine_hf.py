@@ -51,6 +51,28 @@ def reference_greedy(model, prompt_ids, n):
     return out[0, len(prompt_ids) :].tolist()
 
 
+def run_mixed(model_dir, adapters, prompts, names, params: SamplingParams, impl: str):
+    """Every prompt under every name in `names` (None: the base) as one concurrent batch.
+
+    Returns `[(adapter, prompt_ids, (tokens, outputs))]`, after checking the engine ran `impl`.
+    """
+
+    async def main():
+        engine = make_engine(model_dir, adapters, max_num_seqs=8, model_impl=impl)
+        await engine.start()
+        assert engine.impl == impl
+        jobs = []
+        for i, prompt in enumerate(prompts):
+            ids = engine.tokenizer.encode(prompt)
+            for adapter in names:
+                jobs.append((adapter, ids, GenerationRequest(f"{i}-{adapter}", ids, params, adapter)))
+        results = await run_all(engine, [j[2] for j in jobs])
+        await engine.shutdown()
+        return [(adapter, ids, result) for (adapter, ids, _), result in zip(jobs, results, strict=True)]
+
+    return asyncio.run(main())
+
+
 async def run_all(engine, requests):
     async def one(req):
         toks, outs = [], []
@@ -65,30 +87,16 @@ async def run_all(engine, requests):
 @pytest.mark.parametrize("impl", ["native", "transformers"])
 def test_mixed_batch_matches_peft_reference(tiny_model_dir, adapters, impl):
     n = 12
-
-    async def main():
-        engine = make_engine(tiny_model_dir, adapters, max_num_seqs=8, model_impl=impl)
-        await engine.start()
-        assert engine.impl == impl
-        tok = engine.tokenizer
-        jobs = []
-        for i, prompt in enumerate(PROMPTS):
-            for adapter in (None, "a", "b"):
-                ids = tok.encode(prompt)
-                params = SamplingParams(max_tokens=n, temperature=0)
-                jobs.append((adapter, ids, GenerationRequest(f"{i}-{adapter}", ids, params, adapter)))
-        results = await run_all(engine, [j[2] for j in jobs])
-        await engine.shutdown()
-        return jobs, results
-
-    jobs, results = asyncio.run(main())
+    runs = run_mixed(
+        tiny_model_dir, adapters, PROMPTS, (None, "a", "b"), SamplingParams(max_tokens=n, temperature=0), impl
+    )
     refs = {name: reference_model(tiny_model_dir, adapters.get(name)) for name in (None, "a", "b")}
-    for (adapter, ids, _), (toks, outs) in zip(jobs, results, strict=True):
+    for adapter, ids, (toks, outs) in runs:
         ref = reference_greedy(refs[adapter], ids, n)
         assert toks == ref, f"adapter={adapter} prompt={ids}"
         assert outs[-1].finish_reason == "length" and outs[-1].num_generated_tokens == n
     # The adapters really change the output, or the comparison above proves little.
-    by_adapter = {j[0]: r[0] for j, r in zip(jobs[:3], results[:3], strict=True)}
+    by_adapter = {adapter: toks for adapter, _, (toks, _) in runs[:3]}
     assert by_adapter[None] != by_adapter["a"] and by_adapter[None] != by_adapter["b"]
 
 

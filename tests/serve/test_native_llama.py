@@ -8,16 +8,14 @@ transformers' code under `model_impl=auto` and are refused under `model_impl=nat
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 import torch
 
 from serve.engine.gemm import Dense, tune_single_row
-from serve.engine.types import GenerationRequest, SamplingParams
+from serve.engine.types import SamplingParams
 from tests.helpers.adapters import make_lora_adapter
 from tests.helpers.models import make_tiny_model
-from tests.serve.test_engine_hf import make_engine, reference_greedy, reference_model, run_all
+from tests.serve.test_engine_hf import make_engine, reference_greedy, reference_model, run_mixed
 
 LLAMA3_ROPE = {
     "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
@@ -46,24 +44,10 @@ def test_native_matches_peft(model_and_adapters):
     model_dir, adapters = model_and_adapters
     prompts = ["The quick brown fox jumps over the lazy dog", "用四郎的口吻回答问题", "1 2 3 4 5 6 7 8 9 10"]
     n = 8
-
-    async def main():
-        engine = make_engine(model_dir, adapters, max_num_seqs=8, model_impl="native")
-        await engine.start()
-        assert engine.impl == "native"
-        jobs = []
-        for i, prompt in enumerate(prompts):
-            ids = engine.tokenizer.encode(prompt)
-            for adapter in (None, "all", "qv"):
-                params = SamplingParams(max_tokens=n, temperature=0, prompt_logprobs=0)
-                jobs.append((adapter, ids, GenerationRequest(f"{i}-{adapter}", ids, params, adapter)))
-        results = await run_all(engine, [j[2] for j in jobs])
-        await engine.shutdown()
-        return jobs, results
-
-    jobs, results = asyncio.run(main())
+    params = SamplingParams(max_tokens=n, temperature=0, prompt_logprobs=0)
+    runs = run_mixed(model_dir, adapters, prompts, (None, "all", "qv"), params, "native")
     refs = {name: reference_model(model_dir, adapters.get(name)) for name in (None, "all", "qv")}
-    for (adapter, ids, _), (toks, outs) in zip(jobs, results, strict=True):
+    for adapter, ids, (toks, outs) in runs:
         with torch.no_grad():
             logprobs = torch.log_softmax(refs[adapter](torch.tensor([ids])).logits[0], -1)
         got = [lp.logprob for lp in outs[0].prompt_logprobs[1:]]
@@ -71,7 +55,7 @@ def test_native_matches_peft(model_and_adapters):
         assert got == pytest.approx(want, abs=1e-4), f"adapter={adapter}"
         assert toks == reference_greedy(refs[adapter], ids, n), f"adapter={adapter} prompt={ids}"
     # The adapters change the outputs, or the comparison above proves little.
-    assert len({tuple(r[0]) for r in results[:3]}) == 3
+    assert len({tuple(toks) for _, _, (toks, _) in runs[:3]}) == 3
 
 
 def test_uncovered_model_falls_back_or_is_refused(default_model, tmp_path):
