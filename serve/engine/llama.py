@@ -22,7 +22,14 @@ from torch import nn
 
 from serve.engine.gemm import Dense
 from serve.engine.kv_cache import StepLayout, attend
-from serve.engine.lora import LoRAContext, LoRALoadError, column_owners, lora_scale, read_adapter_weights
+from serve.engine.lora import (
+    LoRAContext,
+    LoRALoadError,
+    checked_pair,
+    column_owners,
+    lora_scale,
+    read_adapter_weights,
+)
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 # RoPE variants whose frequencies do not depend on the sequence length.
@@ -208,8 +215,6 @@ class NativeLlama:
         _, scale = lora_scale(cfg)
         per_projection: dict[int, tuple[Projection, dict]] = {}
         for module_name, ab in modules.items():
-            if set(ab) != {"A", "B"}:
-                raise LoRALoadError(f"adapter {name!r}: {module_name} lacks lora_{'B' if 'A' in ab else 'A'}")
             target = self.targets.get(module_name)
             if target is None:
                 raise LoRALoadError(
@@ -218,12 +223,7 @@ class NativeLlama:
                 )
             proj, part = target
             _, out, in_features, _ = proj.parts[part]
-            a, b = ab["A"], ab["B"]
-            if a.shape != (a.shape[0], in_features) or b.shape != (out, a.shape[0]):
-                raise LoRALoadError(
-                    f"adapter {name!r}: {module_name} has A {list(a.shape)} / B {list(b.shape)}, which does "
-                    f"not fit the base's {in_features}->{out}; wrong base model"
-                )
+            a, b = checked_pair(name, module_name, ab, in_features, out)
             per_projection.setdefault(id(proj), (proj, {}))[1][part] = (a, b * scale)
         for proj, ab in per_projection.values():
             proj.add_adapter(index, ab)

@@ -74,19 +74,22 @@ class LoRAContext:
         return self._shared.setdefault((col_adapter.device, tuple(col_adapter.tolist())), col_adapter)
 
 
-class LoRADelta:
-    """The LoRA deltas of every adapter for one projection (a Linear, or several packed into one).
+class MultiLoRALinear(nn.Module):
+    """A Linear of a transformers model plus the LoRA deltas of every adapter that targets it.
 
     For a batch mixing adapters, the A matrices of all adapters are concatenated (`[sum r, in]`) and
     applied to every row in one matmul; a row-by-column mask keeps each row's own adapter's columns,
     and one more matmul with the concatenated B (`[out, sum r]`) adds the deltas. The extra work is
     `sum r / out` of the base matmul (about 2% for four rank-8 adapters) and the op count does not
-    grow with the number of adapters in the batch. A packed projection (q, k and v in one matmul)
-    gets one A of all its parts' ranks and a block B, so it costs the same two matmuls.
+    grow with the number of adapters in the batch. (The native decoder, `llama.py`, goes further
+    and computes `x @ A.T` in the base matmul itself.)
     """
 
-    def __init__(self, ctx: LoRAContext):
+    def __init__(self, base: nn.Linear, ctx: LoRAContext):
+        super().__init__()
+        self.base = base
         self.ctx = ctx
+        self.in_features, self.out_features = base.in_features, base.out_features
         self.lora_a: dict[int, torch.Tensor] = {}  # adapter index -> [r, in]
         self.lora_b: dict[int, torch.Tensor] = {}  # adapter index -> [out, r] * scale
         self.a_cat = self.b_cat = self.col_adapter = None
@@ -100,40 +103,37 @@ class LoRADelta:
             column_owners({i: self.lora_a[i].shape[0] for i in order}, a.device)
         )
 
-    def apply(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """`y` plus each row's adapter delta; `x` is the projection's input."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
         ctx = self.ctx
         if ctx.single is not None:
             a = self.lora_a.get(ctx.single)
-            if a is None:  # the base model, or an adapter that does not target this projection
+            if a is None:  # the base model, or an adapter that does not target this module
                 return y
             return y + (x @ a.t()) @ self.lora_b[ctx.single].t()
         if self.a_cat is None:
             return y
-        x2 = x.reshape(-1, x.shape[-1])
+        x2 = x.reshape(-1, self.in_features)
         xa = (x2 @ self.a_cat.t()) * ctx.mask_for(self.col_adapter, x.dtype)
         return y + (xa @ self.b_cat.t()).view_as(y)
-
-
-class MultiLoRALinear(nn.Module):
-    """A Linear of a transformers model plus the LoRA deltas of every adapter that targets it."""
-
-    def __init__(self, base: nn.Linear, ctx: LoRAContext):
-        super().__init__()
-        self.base = base
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.delta = LoRADelta(ctx)
-
-    def add(self, index: int, a: torch.Tensor, b_scaled: torch.Tensor) -> None:
-        self.delta.add(index, a, b_scaled)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.delta.apply(x, self.base(x))
 
 
 def column_owners(ranks: dict[int, int], device) -> torch.Tensor:
     """`[sum r]`: the adapter index owning each column of concatenated A matrices (in `ranks` order)."""
     return torch.cat([torch.full((r,), i, dtype=torch.long, device=device) for i, r in ranks.items()])
+
+
+def checked_pair(adapter: str, module_name: str, ab: dict, in_features: int, out_features: int):
+    """`(A, B)` of one module of an adapter, refused unless both exist and fit the base Linear."""
+    if set(ab) != {"A", "B"}:
+        raise LoRALoadError(f"adapter {adapter!r}: {module_name} lacks lora_{'B' if 'A' in ab else 'A'}")
+    a, b = ab["A"], ab["B"]
+    if a.shape != (a.shape[0], in_features) or b.shape != (out_features, a.shape[0]):
+        raise LoRALoadError(
+            f"adapter {adapter!r}: {module_name} has A {list(a.shape)} / B {list(b.shape)}, which does "
+            f"not fit the base's {in_features}->{out_features}; wrong base model"
+        )
+    return a, b
 
 
 def lora_scale(cfg: dict) -> tuple[int, float]:
@@ -188,8 +188,6 @@ def install_adapters(
         cfg, modules = read_adapter_weights(path)
         r, scale = lora_scale(cfg)
         for module_name, ab in modules.items():
-            if set(ab) != {"A", "B"}:
-                raise LoRALoadError(f"adapter {name!r}: {module_name} lacks lora_{'B' if 'A' in ab else 'A'}")
             target = named.get(module_name)
             if target is None:
                 raise LoRALoadError(f"adapter {name!r}: the base model has no module {module_name!r}")
@@ -201,12 +199,7 @@ def install_adapters(
                 setattr(named[parent_name] if parent_name else model, child, wrapper)
                 named[module_name] = wrapper
                 target = wrapper
-            a, b = ab["A"].to(device, dtype), ab["B"].to(device, dtype)
-            if a.shape != (a.shape[0], target.in_features) or b.shape != (target.out_features, a.shape[0]):
-                raise LoRALoadError(
-                    f"adapter {name!r}: {module_name} has A {list(a.shape)} / B {list(b.shape)}, which does "
-                    f"not fit the base's {target.in_features}->{target.out_features}; wrong base model"
-                )
-            target.add(index, a, b * scale)
+            a, b = checked_pair(name, module_name, ab, target.in_features, target.out_features)
+            target.add(index, a.to(device, dtype), b.to(device, dtype) * scale)
         loaded.append(LoadedAdapter(name=name, index=index, rank=r, modules=sorted(modules)))
     return loaded

@@ -101,3 +101,45 @@ def test_tuning_respects_the_memory_cap():
     assert added == sum(d.weight.numel() * 4 for d in kept)
     for d in kept:
         assert torch.equal(d.weight_t, d.weight.t())
+
+
+def _edited_adapter(src, dst, edit):
+    """A copy of the adapter at `src` whose tensors went through `edit(dict) -> dict`."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    tensors = load_file(str(src / "adapter_model.safetensors"))
+    save_file(edit(tensors), str(dst / "adapter_model.safetensors"))
+    return dst
+
+
+@pytest.mark.parametrize("impl", ["native", "transformers"])
+def test_adapter_that_does_not_fit_is_refused(tiny_model_dir, tmp_path, impl):
+    from serve.engine.lora import LoRALoadError
+
+    good = make_lora_adapter(tiny_model_dir, tmp_path / "good", seed=0)
+
+    def shrink_one_a(tensors):
+        key = next(k for k in tensors if "q_proj.lora_A" in k)
+        return {**tensors, key: tensors[key][:, :-1].contiguous()}
+
+    bad = _edited_adapter(good, tmp_path / "bad", shrink_one_a)
+    engine = make_engine(tiny_model_dir, {"bad": bad}, max_num_seqs=2, model_impl=impl)
+    with pytest.raises(LoRALoadError, match=r"'bad'.*q_proj has A .* wrong base model"):
+        engine.load()
+
+
+def test_native_refuses_lora_outside_the_projections(tiny_model_dir, tmp_path):
+    from serve.engine.lora import LoRALoadError
+
+    good = make_lora_adapter(tiny_model_dir, tmp_path / "good", seed=0, targets=("q_proj",))
+
+    def move_to_lm_head(tensors):
+        return {k.replace("model.layers.0.self_attn.q_proj", "lm_head"): v for k, v in tensors.items()}
+
+    bad = _edited_adapter(good, tmp_path / "head", move_to_lm_head)
+    engine = make_engine(tiny_model_dir, {"head": bad}, max_num_seqs=2, model_impl="native")
+    with pytest.raises(LoRALoadError, match="no LoRA-capable Linear 'lm_head'.*llm-export"):
+        engine.load()
