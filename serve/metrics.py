@@ -47,10 +47,16 @@ class Metrics:
         self.kv_usage = Gauge(
             "llm_serve_kv_cache_usage_ratio", "Fraction of the KV cache in use.", registry=r
         )
+        self.shared_prefix = Gauge(
+            "llm_serve_shared_prefix_tokens",
+            "Prompt tokens copied from a running sequence's cache instead of computed, since start.",
+            registry=r,
+        )
 
     def render(self) -> bytes:
         stats = self.engine.stats()
         self.waiting.set(stats.waiting)
         self.running.set(stats.running)
         self.kv_usage.set(stats.kv_cache_usage)
+        self.shared_prefix.set(stats.extra.get("shared_prefix_tokens", 0.0))
         return generate_latest(self.registry)

@@ -123,7 +123,12 @@ class HFEngine(Engine):
         self.model, self.device, self.dtype = model, device, dtype
         # 512 tokens per step: prefill throughput peaks there on the 2-core CPU (655 vs 597 tok/s at 256)
         # and a burst of prompts reaches its first token sooner.
-        self.scheduler = Scheduler(slots, max_batched_tokens=max(512, slots), move_slot=self.cache.move_slot)
+        self.scheduler = Scheduler(
+            slots,
+            max_batched_tokens=max(512, slots),
+            move_slot=self.cache.move_slot,
+            copy_prefix=self.cache.move_slot,  # copies positions [0, n) and leaves the source as it is
+        )
         logger.info(
             "loaded %s on %s (%s, %s) in %.1f s; %d adapters; %d slots x %d tokens (KV %.2f GiB max)",
             self.resolved.served_id, device, str(dtype).removeprefix("torch."), self.impl, time.monotonic() - t0,
@@ -196,7 +201,7 @@ class HFEngine(Engine):
             waiting=len(sched.waiting) + len(self._incoming),
             running=len(sched.running),
             kv_cache_usage=used / (self.cache.slots * self.cache.max_len),
-            extra={"steps": float(self.steps)},
+            extra={"steps": float(self.steps), "shared_prefix_tokens": float(sched.shared_prefix_tokens)},
         )
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:

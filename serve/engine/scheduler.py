@@ -5,6 +5,11 @@ Pure bookkeeping, no torch. Sequences are admitted from a FIFO queue into free K
 a token budget (`max_batched_tokens`) with prompt chunks, oldest first, so a long prompt is split
 across steps instead of stalling every stream. Finished sequences leave at once; the last slot is
 moved into the hole so running sequences stay in slots 0..N-1 and decode reads the cache as a view.
+
+Prefix sharing: before a prompt's first chunk, the longest prefix it shares with a running sequence
+of the same adapter (whose keys/values for it are already computed) is copied from that sequence's
+slot instead of being computed again: a common system prompt, or the same document under several
+questions, is prefilled once.
 """
 
 from __future__ import annotations
@@ -73,12 +78,17 @@ class Scheduler:
         max_num_seqs: int,
         max_batched_tokens: int,
         move_slot: Callable[[int, int, int], None] | None = None,
+        copy_prefix: Callable[[int, int, int], None] | None = None,
+        min_shared_prefix: int = 16,
     ):
         self.max_num_seqs = max_num_seqs
         self.max_batched_tokens = max_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # index == slot
         self.move_slot = move_slot or (lambda src, dst, n: None)
+        self.copy_prefix = copy_prefix  # (src slot, dst slot, n): copy positions [0, n); None: no sharing
+        self.min_shared_prefix = min_shared_prefix
+        self.shared_prefix_tokens = 0  # prompt tokens copied instead of computed, since start
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -99,6 +109,8 @@ class Scheduler:
             if budget <= 0:
                 break
             if seq.in_prefill:
+                if seq.num_computed == 0:
+                    self._share_prefix(seq)
                 n = min(len(seq.prompt_ids) - seq.num_computed, budget)
                 prefill.append(PrefillChunk(seq, seq.num_computed, n))
                 budget -= n
@@ -107,6 +119,24 @@ class Scheduler:
             seq = next(s for s in self.running if s.in_prefill)
             prefill.append(PrefillChunk(seq, seq.num_computed, len(seq.prompt_ids) - seq.num_computed))
         return StepPlan(decode=decode, prefill=prefill)
+
+    def _share_prefix(self, seq: Sequence) -> None:
+        """Start `seq` past the longest computed prompt prefix a running sequence shares with it."""
+        if self.copy_prefix is None or seq.request.params.prompt_logprobs is not None:
+            return  # prompt logprobs need every prompt position computed for this sequence
+        prompt, need = seq.prompt_ids, self.min_shared_prefix
+        best, source = 0, None
+        for other in self.running:
+            if other is seq or other.adapter_index != seq.adapter_index or other.num_computed < need:
+                continue
+            # Keep the last prompt token to compute: its logits give the first output token.
+            n = _common_prefix(prompt, other.prompt_ids, min(other.num_computed, len(prompt) - 1))
+            if n > best:
+                best, source = n, other
+        if best >= need:
+            self.copy_prefix(source.slot, seq.slot, best)
+            seq.num_computed = best
+            self.shared_prefix_tokens += best
 
     def remove(self, seq: Sequence) -> None:
         """Drop a finished or aborted sequence, waiting or running."""
@@ -122,3 +152,18 @@ class Scheduler:
             self.running[i] = last
         self.running.pop()
         seq.slot = -1
+
+
+def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    """Length of the common prefix of `a` and `b`, at most `limit`."""
+    n = min(limit, len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo] and a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo

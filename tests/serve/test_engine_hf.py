@@ -178,3 +178,33 @@ def test_seeded_sampling_is_reproducible(tiny_model_dir):
 
     x, y, z = asyncio.run(main())
     assert x == y and x != z
+
+
+@pytest.mark.parametrize("impl", ["native", "transformers"])
+def test_shared_prompt_prefix_is_reused_and_changes_nothing(tiny_model_dir, adapters, impl):
+    """Requests sharing a long prefix (a system prompt) copy it from a running sequence's slot;
+    each still produces exactly what PEFT produces for it alone."""
+    n = 6
+    system = "You are a careful assistant who answers in full sentences and cites sources. " * 2
+
+    async def main():
+        engine = make_engine(tiny_model_dir, adapters, max_num_seqs=4, model_impl=impl)
+        await engine.start()
+        engine.scheduler.max_batched_tokens = 24  # the first prompt is computed over several steps
+        tok = engine.tokenizer
+        jobs = []
+        for i, question in enumerate(["What is two plus two?", "Name a colour.", "Say hello."]):
+            ids = tok.encode(system + question)
+            for adapter in (None, "a"):
+                params = SamplingParams(max_tokens=n, temperature=0)
+                jobs.append((adapter, ids, GenerationRequest(f"{i}-{adapter}", ids, params, adapter)))
+        results = await run_all(engine, [j[2] for j in jobs])
+        shared = engine.scheduler.shared_prefix_tokens
+        await engine.shutdown()
+        return jobs, results, shared
+
+    jobs, results, shared = asyncio.run(main())
+    assert shared >= 2 * 16  # at least the later base and adapter requests started from a copy
+    refs = {name: reference_model(tiny_model_dir, adapters.get(name)) for name in (None, "a")}
+    for (adapter, ids, _), (toks, _) in zip(jobs, results, strict=True):
+        assert toks == reference_greedy(refs[adapter], ids, n), f"adapter={adapter} prompt={ids}"

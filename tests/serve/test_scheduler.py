@@ -52,3 +52,49 @@ def test_remove_waiting_sequence():
     s.schedule()
     s.remove(b)
     assert not s.waiting and s.running == [a]
+
+
+def _seq(tokens: list[int], rid: str, adapter: int = -1, prompt_logprobs=None) -> Sequence:
+    params = SamplingParams(max_tokens=4, prompt_logprobs=prompt_logprobs)
+    return Sequence(GenerationRequest(rid, tokens, params), adapter)
+
+
+def test_prompt_prefix_is_copied_from_a_running_sequence_of_the_same_adapter():
+    copies = []
+    s = Scheduler(8, max_batched_tokens=40, copy_prefix=lambda src, dst, n: copies.append((src, dst, n)))
+    system = list(range(100, 130))  # a 30-token system prompt shared by every request
+    a = _seq(system + [1, 2, 3], "a")
+    s.add(a)
+    s.schedule()  # a's first 33 tokens fit the budget: nothing computed yet to share
+    a.num_computed = len(a.prompt_ids)
+    b, other_adapter, scoring, unrelated = (
+        _seq(system + [7, 8], "b"),
+        _seq(system + [7, 8], "c", adapter=0),
+        _seq(system + [7, 8], "d", prompt_logprobs=0),
+        _seq([5] * 40, "e"),
+    )
+    for q in (b, other_adapter, scoring, unrelated):
+        s.add(q)
+    plan = s.schedule()
+    assert copies == [(a.slot, b.slot, 30)]
+    assert b.num_computed == 30 and s.shared_prefix_tokens == 30
+    chunks = {c.seq.request.request_id: (c.start, c.length) for c in plan.prefill}
+    assert chunks["b"] == (30, 2)  # only the new tokens are computed
+    assert other_adapter.num_computed == 0 and scoring.num_computed == 0 and unrelated.num_computed == 0
+
+
+def test_prefix_sharing_keeps_the_last_prompt_token_and_needs_a_minimum():
+    copies = []
+    s = Scheduler(
+        4, max_batched_tokens=64, copy_prefix=lambda src, dst, n: copies.append(n), min_shared_prefix=8
+    )
+    a = _seq(list(range(20)), "a")
+    s.add(a)
+    s.schedule()
+    a.num_computed = 20
+    same, short = _seq(list(range(20)), "same"), _seq(list(range(5)) + [99] * 10, "short")
+    s.add(same)
+    s.add(short)
+    s.schedule()
+    assert copies == [19]  # an identical prompt still computes its last token, for its logits
+    assert same.num_computed == 19 and short.num_computed == 0
