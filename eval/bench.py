@@ -14,7 +14,6 @@ with the same model and adapters, scored with lm-eval's `local-completions` /
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import subprocess
@@ -23,6 +22,8 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+
+from serve.atomic import write_json_atomic
 
 
 def _free_port() -> int:
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         "server_throughput": served["throughput"],
     }
     path = args.out / f"{stamp}.json"
-    path.write_text(json.dumps(report, indent=2))
+    write_json_atomic(path, report)
     print(f"{'target':<12}{'stage':<12}{'n':>5}{'local/s':>10}{'server/s':>10}{'server/local':>14}")
     for r in rows:
         ratio = f"{r['server_over_local']:.2f}" if r["server_over_local"] else "-"

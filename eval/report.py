@@ -14,6 +14,8 @@ import json
 import math
 from pathlib import Path
 
+from serve.atomic import write_json_atomic, write_text_atomic
+
 STYLE_PLOT_METRICS = ("chrf", "rouge_l", "embedding_sim", "style_proba", "distinct_2", "length_ratio")
 STYLE_LABELS = {
     "chrf": "chrF (0-100)",
@@ -89,9 +91,9 @@ def write_report(results: dict, out: Path) -> dict[str, Path]:
     plots = _plots(results, out)
     results.setdefault("files", {})["plots"] = [p.name for p in plots.values()]
     paths = {"results": out / "results.json", "markdown": out / "report.md", "html": out / "report.html"}
-    paths["results"].write_text(json.dumps(results, indent=2, ensure_ascii=False, default=str))
-    paths["markdown"].write_text(render_markdown(results, plots))
-    paths["html"].write_text(render_html(results, plots))
+    write_json_atomic(paths["results"], results, default=str)
+    write_text_atomic(paths["markdown"], render_markdown(results, plots))
+    write_text_atomic(paths["html"], render_html(results, plots))
     return paths
 
 

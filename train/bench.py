@@ -23,6 +23,8 @@ from typing import Any
 
 import yaml
 
+from serve.atomic import write_json_atomic
+
 REPO = Path(__file__).resolve().parent.parent
 TARGET_RATIO = 0.70
 
@@ -219,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         "target_ratio": TARGET_RATIO,
         "meets_target": results["llm-train"]["ratio_vs_plain"] >= TARGET_RATIO,
     }
-    (out / "bench-train.json").write_text(json.dumps(report, indent=2))
+    write_json_atomic(out / "bench-train.json", report)
     print(f"\n{'run':34} {'tokens':>7} {'seconds':>8} {'tok/s':>8} {'vs plain':>9}")
     for name, r in results.items():
         print(

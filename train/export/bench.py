@@ -9,12 +9,13 @@ times as ratios against f32 measured in the same run.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
 import tempfile
 from pathlib import Path
+
+from serve.atomic import write_json_atomic
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         "timings_s": t,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json_atomic(args.out / "bench.json", result)
     print(f"merge {t['merge_s']:.2f} s (x{result['merge_vs_load']:.2f} of load), save {t['save_s']:.1f} s")
     print(f"{'type':<6}{'MB':>9}{'vs f32':>8}{'write s':>9}{'vs f32':>8}{'top1':>7}{'max|Δ|':>9}")
     for q, r in rows.items():
