@@ -120,7 +120,7 @@ class HFEngine(Engine):
         self.cache = SlotKVCache(
             mc.num_hidden_layers, slots, kv_heads, self.max_model_len, head_dim, dtype, device
         )
-        self.model, self.device, self.dtype = model, device, dtype
+        self.device, self.dtype = device, dtype
         # 512 tokens per step: prefill throughput peaks there on the 2-core CPU (655 vs 597 tok/s at 256)
         # and a burst of prompts reaches its first token sooner.
         self.scheduler = Scheduler(
