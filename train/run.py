@@ -24,6 +24,7 @@ import yaml
 
 from serve.atomic import write_json_atomic
 from train.config import TrainConfig
+from train.data.entry import DatasetEntry
 from train.launch import (
     Launch,
     command,
@@ -104,6 +105,20 @@ def last_complete_checkpoint(run_dir: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
+def stage_mismatch(entry: DatasetEntry, stage: str) -> str | None:
+    """Why a dataset's kind (preference, KTO-labelled, plain) does not fit `stage`; None when it does."""
+    need = STAGE_NEEDS.get(stage)
+    if need == "ranking" and not entry.ranking:
+        return f"stage {stage} needs preference data (chosen/rejected, ranking: true)"
+    if need == "kto" and not entry.column("kto_tag"):
+        return "stage kto needs a boolean label column (columns.kto_tag)"
+    if need is None and entry.ranking:
+        return f"preference data (ranking: true) needs stage dpo or rm, not {stage}"
+    if need is None and entry.column("kto_tag"):
+        return f"KTO data (a label column, columns.kto_tag) needs stage kto, not {stage}"
+    return None
+
+
 def check_datasets(cfg: TrainConfig, dataset_dir: Path) -> tuple[list[dict[str, Any]], list[list[dict]], int]:
     """Validate every row of every dataset; returns manifest entries, sample chats and training rows."""
     from train.data.entry import find_entry
@@ -117,17 +132,9 @@ def check_datasets(cfg: TrainConfig, dataset_dir: Path) -> tuple[list[dict[str, 
         for name in cfg.dataset_names(split):
             entry, path = find_entry(dataset_dir, name)
             report = validate_file(path, entry=entry, stage=cfg.stage)
-            need = STAGE_NEEDS.get(cfg.stage)
-            if need == "ranking" and not entry.ranking:
-                problems.append(
-                    f"{path}: stage {cfg.stage} needs preference data (chosen/rejected, ranking: true)"
-                )
-            elif need == "kto" and not entry.column("kto_tag"):
-                problems.append(f"{path}: stage kto needs a boolean label column (columns.kto_tag)")
-            elif need is None and entry.ranking:
-                problems.append(
-                    f"{path}: preference data (ranking: true) needs stage dpo or rm, not {cfg.stage}"
-                )
+            mismatch = stage_mismatch(entry, cfg.stage)
+            if mismatch:
+                problems.append(f"{path}: {mismatch}")
             problems += [str(p) for p in report.problems]
             if report.samples and report.samples[0][1].text is None:
                 chats.append(report.samples[0][1].conversation())
@@ -153,16 +160,26 @@ def check_datasets(cfg: TrainConfig, dataset_dir: Path) -> tuple[list[dict[str, 
 
 
 def resolve_template(
-    cfg: TrainConfig, model_path: Path, chats: list[list[dict]], allow_mismatch: bool
+    cfg: TrainConfig,
+    model_path: Path,
+    chats: list[list[dict]],
+    allow_mismatch: bool,
+    tokenizer: Any = None,
 ) -> dict:
-    """Choose or check the template on the probes plus one real sample; a mismatch raises unless allowed."""
-    os.environ.setdefault("LLAMAFACTORY_VERBOSITY", "WARN")
-    from transformers import AutoTokenizer
+    """Choose or check the template on the probes plus one real sample; a mismatch raises unless allowed.
 
+    `tokenizer` (the model's, loaded by the caller) saves loading it again.
+    """
+    os.environ.setdefault("LLAMAFACTORY_VERBOSITY", "WARN")
     from train.template import PROBES, TemplateMismatchError, check_template, choose_template
 
-    tokenizer = AutoTokenizer.from_pretrained(str(model_path))
-    probes = PROBES + chats[:1]
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+    # Tool calls and results render through each side's own tool format, not comparable token for token.
+    plain = [c for c in chats if all(m["role"] in ("system", "user", "assistant") for m in c)]
+    probes = PROBES + plain[:1]
     if cfg.default_system is not None:  # the user's default only applies to rows without a system prompt
         probes = [c for c in probes if c and c[0]["role"] == "system"]
     info: dict[str, Any] = {"chat_template": getattr(tokenizer, "chat_template", None)}

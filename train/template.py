@@ -53,25 +53,35 @@ def lf_ids(
 
     Returns the ids and whether LLaMA-Factory would keep the tokenizer's own chat template.
     """
-    from llamafactory.data.template import TEMPLATES, get_template_and_fix_tokenizer
     from llamafactory.hparams import DataArguments
 
+    template, tok = fixed_template(tokenizer, DataArguments(template=name, default_system=default_system))
+    system = chat[0]["content"] if chat and chat[0]["role"] == "system" else None
+    turns = chat[1:] if system is not None else chat
+    pairs = template.encode_multiturn(tok, turns, system, None)
+    keeps = tok.chat_template == tokenizer.chat_template
+    return [i for prompt, response in pairs for i in prompt + response], keeps
+
+
+def fixed_template(tokenizer: Any, data_args: Any) -> tuple[Any, Any]:
+    """LLaMA-Factory's template for `data_args` (its `DataArguments`) and a copy of `tokenizer` fixed for it.
+
+    What the trainer builds at start-up (`get_template_and_fix_tokenizer`), without touching `tokenizer`
+    or LLaMA-Factory's template registry, which that call mutates.
+    """
+    from llamafactory.data.template import TEMPLATES, get_template_and_fix_tokenizer
+
+    name = data_args.template
     if name not in TEMPLATES:
         raise TemplateMismatchError(f"template {name!r} does not exist in LLaMA-Factory")
     saved = TEMPLATES[name]
-    TEMPLATES[name] = copy.deepcopy(saved)  # get_template_and_fix_tokenizer mutates the registered template
+    TEMPLATES[name] = copy.deepcopy(saved)
     try:
         tok = copy.deepcopy(tokenizer)
-        template = get_template_and_fix_tokenizer(
-            tok, DataArguments(template=name, default_system=default_system)
-        )
-        system = chat[0]["content"] if chat and chat[0]["role"] == "system" else None
-        turns = chat[1:] if system is not None else chat
-        pairs = template.encode_multiturn(tok, turns, system, None)
-        keeps = tok.chat_template == tokenizer.chat_template
+        template = get_template_and_fix_tokenizer(tok, data_args)
     finally:
         TEMPLATES[name] = saved
-    return [i for prompt, response in pairs for i in prompt + response], keeps
+    return template, tok
 
 
 def tokenizer_default_system(tokenizer: Any) -> str:

@@ -333,4 +333,4 @@ def test_subcommand_registry_shape():
     parser = cli.build_parser()
     for action in parser._subparsers._group_actions:
         names += list(action.choices)
-    assert names[:2] == ["validate", "register"]
+    assert names[:3] == ["validate", "preview", "register"]

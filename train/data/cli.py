@@ -1,4 +1,4 @@
-"""`llm-data`: dataset tools. Run as `llm-data {validate,register,...} -h`.
+"""`llm-data`: dataset tools. Run as `llm-data {validate,preview,register,...} -h`.
 
 Each subcommand is a module with `add_parser(subparsers) -> ArgumentParser` and `run(args) -> int`
 (the exit status). To add one, write the module and append it to SUBCOMMANDS below.
@@ -9,11 +9,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from train.data import extract_role, register, synth, validate
+from train.data import extract_role, preview, register, synth, validate
 
 # The registry: one module per subcommand, in the order `llm-data -h` lists them.
 SUBCOMMANDS = [
     validate,
+    preview,
     register,
     synth,
     extract_role,
