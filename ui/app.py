@@ -15,6 +15,9 @@ from pathlib import Path
 
 from ui.api import Sampling, api_base
 from ui.handlers import Handlers
+from ui.training.handlers import TrainHandlers, TrainOptions
+from ui.training.render import CSS as TRAIN_CSS
+from ui.training.tab import add_train_tab
 
 EXAMPLES = [
     "你是谁？",
@@ -42,8 +45,11 @@ def create_ui(
     *,
     defaults: Sampling | None = None,
     concurrency_limit: int = 16,
+    train: TrainOptions | None = None,
 ):
     """Build the chat page for the API at `base_url`; feedback goes to `feedback_dir`.
+
+    With `train` (where runs may write and datasets come from) the page gets a Train tab.
 
     Returns a `gradio.Blocks` with its queue configured (`concurrency_limit` streams at once per
     event), ready for `gradio.mount_gradio_app` or `.launch()`.
@@ -52,9 +58,11 @@ def create_ui(
 
     defaults = defaults or Sampling()
     h = Handlers(base_url, api_key, Path(feedback_dir))
+    trainer = TrainHandlers(base_url, api_key, train) if train is not None else None
     theme = gr.themes.Soft(primary_hue="indigo", font=FONT, font_mono=FONT_MONO)
+    css = CSS + (TRAIN_CSS if trainer else "")
 
-    with gr.Blocks(title="llm-serve chat", theme=theme, css=CSS, analytics_enabled=False) as blocks:
+    with gr.Blocks(title="llm-serve chat", theme=theme, css=css, analytics_enabled=False) as blocks:
         gr.Markdown(
             f"### llm-serve · chat with your models and adapters\n"
             f"API `{api_base(base_url)}` · feedback saved to `{feedback_dir}` "
@@ -79,7 +87,7 @@ def create_ui(
                     1, 4096, value=defaults.max_tokens, step=1, label="Max tokens", elem_id="max-tokens"
                 )
 
-            with gr.Column(scale=3), gr.Tabs():
+            with gr.Column(scale=3), gr.Tabs() as tabs:
                 with gr.Tab("Chat", id="chat"):
                     chatbot = gr.Chatbot(
                         type="messages",
@@ -137,6 +145,9 @@ def create_ui(
                         )
                     ab_note = gr.Markdown(elem_id="ab-note")
                     gr.Examples([[e] for e in EXAMPLES], inputs=[ab_prompt], label="Example prompts")
+
+                if trainer is not None:
+                    add_train_tab(blocks, trainer, h, [model, left_model, right_model], error_box, tabs)
 
         pickers = [model, left_model, right_model]
         blocks.load(h.refresh_models, pickers, [*pickers, error_box])

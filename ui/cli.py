@@ -1,6 +1,7 @@
 """`llm-ui`: run the chat page standalone against any OpenAI-compatible server.
 
     llm-ui --base-url http://127.0.0.1:8000 [--api-key KEY] [--feedback-dir feedback] [--port 7860]
+           [--ui-train --adapter-dir saves [--dataset-dir data]]
 
 `llm-serve --ui` serves the same page at /ui of the API server itself; use `llm-ui` for a server
 elsewhere (another llm-serve, vLLM's `vllm serve`, ...). Exit codes: 0 after Ctrl+C, 2 bad settings.
@@ -11,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ui.config import UIConfig, UIConfigError, load_config
+from ui.config import LOOPBACK, UIConfig, UIConfigError, load_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,6 +27,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, help=fields["temperature"].description)
     p.add_argument("--top-p", type=float, help=fields["top_p"].description)
     p.add_argument("--max-tokens", type=int, help=fields["max_tokens"].description)
+    p.add_argument("--ui-train", action="store_true", default=None, help=fields["ui_train"].description)
+    p.add_argument(
+        "--adapter-dir",
+        dest="adapter_dirs",
+        action="append",
+        metavar="DIR",
+        help=fields["adapter_dirs"].description,
+    )
+    p.add_argument(
+        "--dataset-dir",
+        dest="dataset_dirs",
+        action="append",
+        metavar="DIR",
+        help=fields["dataset_dirs"].description,
+    )
     return p
 
 
@@ -45,12 +61,19 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     from ui.api import Sampling, api_base
     from ui.app import create_ui
+    from ui.training.handlers import TrainOptions
 
+    key = config.resolved_api_key()
+    train = None
+    if config.ui_train:
+        # The base model is the server's: its folder, read from /v1/models when the page first loads.
+        train = TrainOptions.for_page(config.adapter_dirs, config.dataset_dirs, config.feedback_dir, None)
     blocks = create_ui(
         config.base_url,
-        config.resolved_api_key(),
+        key,
         config.feedback_dir,
         defaults=Sampling(config.temperature, config.top_p, config.max_tokens),
+        train=train,
     )
     print(
         f"llm-ui: chat page at http://{config.host}:{config.port}/ (API {api_base(config.base_url)}, "
@@ -65,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
             inbrowser=False,
             share=False,
             quiet=True,
+            # Beyond loopback the Train tab starts processes here: the page asks for the API key.
+            auth=(lambda _user, password: password == key) if train and config.host not in LOOPBACK else None,
+            auth_message="Password: the server's API key" if train and config.host not in LOOPBACK else None,
         )
     except KeyboardInterrupt:
         pass

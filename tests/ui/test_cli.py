@@ -32,3 +32,17 @@ def test_main_refuses_feedback_dir_that_is_a_file(tmp_path, capsys):
 def test_main_reports_missing_config(tmp_path, capsys):
     assert main(["--config", str(tmp_path / "nope.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_train_tab_needs_an_adapter_dir_and_a_key_beyond_loopback(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("LLM_SERVE_API_KEY", raising=False)
+    with pytest.raises(UIConfigError, match="ui_train needs --adapter-dir DIR"):
+        load_config(None, {"ui_train": True})
+    with pytest.raises(UIConfigError, match="beyond loopback\\) needs --api-key"):
+        load_config(None, {"ui_train": True, "adapter_dirs": [str(tmp_path)], "host": "0.0.0.0"})
+    config = load_config(
+        None, {"ui_train": True, "adapter_dirs": [str(tmp_path)], "host": "0.0.0.0", "api_key": "k"}
+    )
+    assert config.adapter_dirs == [tmp_path]
+    assert main(["--ui-train"]) == 2
+    assert "ui_train needs --adapter-dir" in capsys.readouterr().err

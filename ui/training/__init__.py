@@ -1,0 +1,1 @@
+"""The chat page's Train tab (`llm-serve --ui --ui-train`): dataset preview, llm-train runs, loss curve."""
