@@ -72,6 +72,17 @@ class TrainHandlers:
         self._base_model = options.base_model
         self._previewer = None
         self._preview_lock = threading.Lock()  # one preview at a time: it loads LLaMA-Factory once
+        if self._base_model is not None:
+            # Importing LLaMA-Factory and loading the tokenizer takes a while: do it before the first preview.
+            threading.Thread(target=self._warm_up, name="train-preview-warm-up", daemon=True).start()
+
+    def _warm_up(self) -> None:
+        with self._preview_lock:
+            try:
+                self.previewer().tokenizer()
+                import llamafactory.data.loader  # noqa: F401
+            except Exception:  # the first real preview reports what is wrong
+                pass
 
     # --- base model and datasets --------------------------------------------------------------------
     def base_model(self) -> str:
@@ -218,29 +229,31 @@ class TrainHandlers:
 
     def start(self, key, root, name, overwrite, preview_ok, *values):
         if not preview_ok:
-            return self._refused("the preview shows problems (or has not finished); fix them first")
+            return self._refused(
+                "the preview shows problems (or has not finished); fix them first", preview_ok
+            )
         try:
             cfg = self._config(key, root, name, values)
             self.manager.start(root or "", name or "", cfg, overwrite=bool(overwrite))
         except (SettingsError, DatasetRefused, RunRefused) as exc:
-            return self._refused(str(exc))
-        return self._controls(self.manager.current())
+            return self._refused(str(exc), preview_ok)
+        return self._controls(self.manager.current(), preview_ok)
 
-    def stop(self):
+    def stop(self, preview_ok: bool):
         try:
             self.manager.stop()
         except RunRefused as exc:
-            return self._refused(str(exc))
-        return self._controls(self.manager.current())
+            return self._refused(str(exc), preview_ok)
+        return self._controls(self.manager.current(), preview_ok)
 
-    def resume(self):
+    def resume(self, preview_ok: bool):
         try:
             self.manager.resume()
         except RunRefused as exc:
-            return self._refused(str(exc))
-        return self._controls(self.manager.current())
+            return self._refused(str(exc), preview_ok)
+        return self._controls(self.manager.current(), preview_ok)
 
-    async def poll(self, seen: dict | None, chat, left, right, refresh_models):
+    async def poll(self, seen: dict | None, preview_ok: bool, chat, left, right, refresh_models):
         """Timer tick: progress, curve and status; once the adapter is served, refresh the pickers once."""
         import gradio as gr
 
@@ -255,16 +268,23 @@ class TrainHandlers:
             seen["served"] = f"{record.record_dir}:{record.served_as}"
             pickers = tuple(await refresh_models(chat, left, right))
         state = record.status if record else None
-        runs = gr.update()
+        runs = run_pick = gr.update()
         if state != seen.get("status"):
             seen["status"] = state
-            runs = self.runs_table()
+            runs, run_pick = self.runs_table(), gr.update(choices=[s.name for s in self.manager.runs()])
         # Keep ticking until a finished run is served (or says why not).
         done = record is None or (
             record.status not in ACTIVE
             and (record.status != "finished" or record.served_as or record.serve_note)
         )
-        return (*self._run_view(record), gr.Timer(active=not done), seen, *pickers, runs)
+        return (
+            *self._run_view(record, preview_ok),
+            gr.Timer(active=not done),
+            seen,
+            *pickers,
+            runs,
+            run_pick,
+        )
 
     def compare(self):
         """A/B with the base on the left and the new adapter on the right."""
@@ -284,7 +304,7 @@ class TrainHandlers:
             [
                 s.name,
                 s.status,
-                s.base,
+                Path(s.base).name if "/" in s.base else s.base,
                 s.stage,
                 s.data,
                 s.steps if s.steps is not None else "",
@@ -324,8 +344,8 @@ class TrainHandlers:
             output_dir=output,
         )
 
-    def _run_view(self, record: RunRecord | None) -> tuple:
-        """status, progress, curve, start, stop, resume, compare."""
+    def _run_view(self, record: RunRecord | None, preview_ok: bool | None = None) -> tuple:
+        """status, progress, curve, start, stop, resume, compare (Start as the preview allows, if known)."""
 
         progress = read_progress(record.run_dir()) if record else None
         tail = self.manager.log_tail(record) if record is not None and record.status == "failed" else ""
@@ -334,13 +354,15 @@ class TrainHandlers:
             status_html(record, tail),
             progress_html(progress, record) if progress else "",
             loss_svg(progress) if progress else "",
-            *self._buttons(record, running),
+            *self._buttons(record, running, preview_ok),
         )
 
-    def _buttons(self, record: RunRecord | None, running: bool) -> tuple:
+    def _buttons(self, record: RunRecord | None, running: bool, preview_ok: bool | None) -> tuple:
         import gradio as gr
 
-        start = gr.update() if not running else gr.update(interactive=False)
+        start = gr.update(interactive=bool(preview_ok) and not running)
+        if preview_ok is None and not running:
+            start = gr.update()
         stop = gr.update(interactive=running and record is not None and record.status == "running")
         resume = gr.update(interactive=not running and record is not None and record.resumable)
         served = record is not None and record.status == "finished" and bool(record.served_as)
@@ -349,16 +371,17 @@ class TrainHandlers:
         )
         return start, stop, resume, compare
 
-    def _controls(self, record: RunRecord | None):
+    def _controls(self, record: RunRecord | None, preview_ok: bool):
         """After start/stop/resume: the run view plus the timer switched on while it runs."""
         import gradio as gr
 
-        return (*self._run_view(record), gr.Timer(active=record is not None and record.status in ACTIVE))
+        active = record is not None and record.status in ACTIVE
+        return (*self._run_view(record, preview_ok), gr.Timer(active=active))
 
-    def _refused(self, reason: str):
+    def _refused(self, reason: str, preview_ok: bool):
         import gradio as gr
 
-        view = list(self._run_view(self.manager.current()))
+        view = list(self._run_view(self.manager.current(), preview_ok))
         view[0] = status_html(None, refused=reason)
         return (*view, gr.Timer(active=self.manager.running()))
 

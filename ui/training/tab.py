@@ -145,17 +145,17 @@ def add_train_tab(
 
     controls = [*run_view, timer]
     start.click(train.start, [dataset, root, name, overwrite, preview_ok, *settings], controls)
-    stop.click(train.stop, None, controls)
-    resume.click(train.resume, None, controls)
+    stop.click(train.stop, [preview_ok], controls)
+    resume.click(train.resume, [preview_ok], controls)
     model, left, right = pickers
 
-    async def poll(seen_: dict, chat_model: str, left_model: str, right_model: str):
-        return await train.poll(seen_, chat_model, left_model, right_model, chat.refresh_models)
+    async def poll(seen_: dict, ok: bool, chat_model: str, left_model: str, right_model: str):
+        return await train.poll(seen_, ok, chat_model, left_model, right_model, chat.refresh_models)
 
     timer.tick(
         poll,
-        [seen, model, left, right],
-        [*run_view, timer, seen, model, left, right, error_box, runs],
+        [seen, preview_ok, model, left, right],
+        [*run_view, timer, seen, model, left, right, error_box, runs, run_pick],
     )
     compare.click(train.compare, None, [tabs, left, right])
     run_pick.change(train.pick_run, [run_pick], [run_detail, run_loss], queue=False)
