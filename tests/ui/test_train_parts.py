@@ -204,3 +204,16 @@ def test_refusals_say_what_to_do(status, message):
     _, transport = fake_server(load_status=status)
     with pytest.raises(ServeError, match=message):
         publisher(transport).publish("new", Path("/saves/new"))
+
+
+def test_dropped_files_never_go_into_the_shipped_demo_data(tmp_path):
+    from ui.training.handlers import DEMO_DATA, TrainOptions
+
+    options = TrainOptions.for_page([tmp_path / "saves"], [tmp_path / "mine"], tmp_path / "fb", "default")
+    assert options.upload_dirs() == [tmp_path / "mine", tmp_path / "fb"]
+    assert DEMO_DATA.resolve() in [Path(d).resolve() for d in options.dataset_dirs]  # offered for training
+    catalog = DatasetCatalog(options.dataset_dirs)
+    drop = tmp_path / "rows.jsonl"
+    drop.write_text('{"instruction": "hi", "output": "hello"}\n')
+    with pytest.raises(DatasetRefused, match="takes no dropped files"):
+        catalog.register_upload(drop, DEMO_DATA, "x", options.upload_dirs())

@@ -110,11 +110,17 @@ class DatasetCatalog:
             raise DatasetRefused(f"{upload.name}: unsupported file type; use {', '.join(SUFFIXES)}")
         return validate_file(upload)
 
-    def register_upload(self, upload: Path, dest: str | Path, name: str) -> DatasetChoice:
+    def register_upload(
+        self, upload: Path, dest: str | Path, name: str, allowed: list[Path] | None = None
+    ) -> DatasetChoice:
         """Copy a valid dropped file into `dest` (a configured directory) and register it as `name`."""
         from train.data.register import RegisterError, register_dataset
 
         directory = self.directory(dest)
+        if allowed is not None and directory not in allowed:
+            raise DatasetRefused(
+                f"{directory} takes no dropped files; choose one of {', '.join(map(str, allowed))}"
+            )
         name = (name or "").strip() or upload.stem
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name):
             raise DatasetRefused(f"dataset name {name!r}: use letters, digits, '.', '_' or '-'")

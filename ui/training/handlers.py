@@ -62,6 +62,15 @@ class TrainOptions:
         dirs = [DEMO_DATA, Path(feedback_dir), *map(Path, dataset_dirs)]
         return cls([Path(d) for d in adapter_dirs], dirs, base_model)
 
+    def upload_dirs(self) -> list[Path]:
+        """Where dropped files may be registered: the given folders first, then the feedback folder.
+
+        Never the project's demo data, which ships with the code.
+        """
+        demo = DEMO_DATA.resolve()
+        dirs = [Path(d).expanduser().resolve() for d in self.dataset_dirs]
+        return [d for d in dirs[2:] + dirs[1:2] if d != demo]
+
 
 class TrainHandlers:
     def __init__(self, base_url: str, api_key: str | None, options: TrainOptions):
@@ -120,7 +129,7 @@ class TrainHandlers:
 
         choices, _ = self.dataset_choices()
         roots = [str(r) for r in self.manager.roots]
-        dirs = [str(d) for d in self.catalog.dirs]
+        dirs = [str(d) for d in self.options.upload_dirs()]
         try:
             base = f"Base model: `{self.base_model()}` (the served base)"
         except SettingsError as exc:
@@ -219,8 +228,10 @@ class TrainHandlers:
                 # Row numbers against the file's own name, not the upload's temporary folder.
                 problems = [str(p).replace(str(path.parent) + "/", "") for p in report.problems]
                 text = f"{path.name}: {len(problems)} problem(s), not registered (fix the file and drop it again)"
-                return _problem_html(text, problems), *blocked, gr.update(value=None), text
-            choice = self.catalog.register_upload(path, dest or "", name or path.stem)
+                return _problem_html(text, problems), *blocked, gr.update(), text
+            choice = self.catalog.register_upload(
+                path, dest or "", name or path.stem, self.options.upload_dirs()
+            )
         except DatasetRefused as exc:
             return _problem_html(str(exc)), *blocked, gr.update(), f"Not registered: {exc}"
         choices, _ = self.dataset_choices()

@@ -156,6 +156,7 @@ def add_train_tab(
         poll,
         [seen, preview_ok, model, left, right],
         [*run_view, timer, seen, model, left, right, error_box, runs, run_pick],
+        show_progress="hidden",  # a tick a second: no loading overlay flicker
     )
     compare.click(train.compare, None, [tabs, left, right])
     run_pick.change(train.pick_run, [run_pick], [run_detail, run_loss], queue=False)
