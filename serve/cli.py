@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--allow-base-mismatch", action="store_true", default=None, help=f["allow_base_mismatch"].description
     )
+    p.add_argument(
+        "--metrics-need-key", action="store_true", default=None, help=f["metrics_need_key"].description
+    )
     p.add_argument("--ui", action="store_true", default=None, help=f["ui"].description)
     p.add_argument("--feedback-dir", help=f["feedback_dir"].description)
     p.add_argument("--shutdown-timeout", type=float, help=f["shutdown_timeout"].description)

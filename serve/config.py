@@ -54,6 +54,11 @@ class ServeConfig(BaseModel):
     allow_base_mismatch: bool = Field(
         False, description="Serve adapters whose recorded base model differs from the served one."
     )
+    metrics_need_key: bool = Field(
+        False,
+        description="Require the API key on /metrics too (Prometheus: `authorization` in the scrape "
+        "config); without it /metrics stays open and, when a key is set, labels adapters by hash.",
+    )
     ui: bool = Field(False, description="Mount the Gradio chat page at /ui.")
     feedback_dir: str = Field("feedback", description="Where the chat page saves feedback as KTO/DPO data.")
     shutdown_timeout: float = Field(30.0, ge=0, description="Seconds in-flight requests get on SIGTERM.")

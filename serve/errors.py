@@ -1,10 +1,24 @@
 """API errors in one place: typed exceptions mapped once to OpenAI's error shape.
 
-Every 4xx/5xx body is `{"error": {"message", "type", "param", "code"}}`. Messages are written for
-the client: no stack traces and no server file paths.
+Every 4xx/5xx body is `{"error": {"message", "type", "param", "code"}}` (`serve.protocol.ErrorResponse`).
+Messages are written for the client: no stack traces and no server file paths. `to_api_error` is the
+one mapping from anything an engine or a route may raise to the status a client sees; the app's
+handlers, the generation path and the SSE writer all use it.
 """
 
 from __future__ import annotations
+
+import logging
+
+from serve.engine.types import (
+    EngineDeadError,
+    EngineOverloadedError,
+    GenerationFailedError,
+    InvalidGenerationRequest,
+    UnknownAdapterError,
+)
+
+logger = logging.getLogger(__name__)
 
 
 class APIError(Exception):
@@ -12,14 +26,23 @@ class APIError(Exception):
     type = "server_error"
     code: str | None = None
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.message = message
         self.param = param
+        self.headers = headers or {}
         if code is not None:
             self.code = code
 
     def body(self) -> dict:
+        """OpenAI's error body; `serve.protocol.ErrorResponse` documents it in the OpenAPI document."""
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
@@ -58,7 +81,40 @@ class ServiceUnavailableError(APIError):
     code = "service_unavailable"
 
 
+class PermissionDeniedError(APIError):
+    status_code = 403
+    type = "permission_error"
+    code = "forbidden"
+
+
+class MethodNotAllowedError(APIError):
+    status_code = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
 class InternalError(APIError):
     status_code = 500
     type = "server_error"
     code = "internal_error"
+
+
+def to_api_error(exc: BaseException) -> APIError:
+    """The API error a client sees for `exc`, raised by a route, the generation path or an engine."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, EngineOverloadedError):
+        return RateLimitError(f"{exc}; retry later", headers={"Retry-After": "1"})
+    if isinstance(exc, EngineDeadError):
+        return ServiceUnavailableError(f"the engine stopped ({exc}); restart the server", code="engine_dead")
+    if isinstance(exc, UnknownAdapterError):
+        return NotFoundError(f"the model `{exc.name}` is not loaded in the engine", param="model")
+    if isinstance(exc, InvalidGenerationRequest):
+        return BadRequestError(str(exc), param=exc.param)
+    if isinstance(exc, GenerationFailedError):
+        return InternalError(
+            f"generation failed: {exc}; other requests were not affected, see the server log",
+            code="generation_failed",
+        )
+    logger.error("unexpected %s: %s", type(exc).__name__, exc, exc_info=exc)
+    return InternalError("internal server error; see the server log")

@@ -1,6 +1,14 @@
-"""Prometheus metrics for /metrics: requests, tokens, latencies and engine load, per model/adapter."""
+"""Prometheus metrics for /metrics: requests, tokens, latencies and engine load, per model/adapter.
+
+/metrics is open (Prometheus scrapes without credentials) unless `--metrics-need-key`. An open
+/metrics on a server with an API key must not tell anyone the adapters' names, so there each adapter
+is labelled `adapter-<hash>` (the first 10 hex digits of sha256 of its name: stable across restarts,
+computable by whoever knows the name).
+"""
 
 from __future__ import annotations
+
+import hashlib
 
 from prometheus_client import (
     CollectorRegistry,
@@ -15,9 +23,10 @@ LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 80, 160)
 
 
 class Metrics:
-    def __init__(self, engine):
+    def __init__(self, engine, *, hide_adapter_names: bool = False):
         disable_created_metrics()  # *_created series double the output and no dashboard reads them
         self.engine = engine
+        self.hide_adapter_names = hide_adapter_names
         self.registry = r = CollectorRegistry()
         self.requests = Counter(
             "llm_serve_requests",
@@ -52,6 +61,12 @@ class Metrics:
             "Prompt tokens copied from a running sequence's cache instead of computed, since start.",
             registry=r,
         )
+
+    def model_label(self, model) -> str:
+        """The `model` label of a served model (`serve.served.ServedModel`)."""
+        if model.adapter is None or not self.hide_adapter_names:
+            return model.id
+        return "adapter-" + hashlib.sha256(model.id.encode()).hexdigest()[:10]
 
     def render(self) -> bytes:
         stats = self.engine.stats()

@@ -68,8 +68,11 @@ class ServedModels:
                 param="model",
             ) from None
 
-    def render_chat(self, model: ServedModel, messages: list[dict]) -> list[int]:
-        """Apply `model`'s chat template with a generation prompt and tokenize the result."""
+    def render_chat(
+        self, model: ServedModel, messages: list[dict], *, add_generation_prompt: bool = True
+    ) -> list[int]:
+        """Apply `model`'s chat template (with the assistant prompt at the end unless told otherwise)
+        and tokenize the result."""
         if not model.chat_template:
             raise BadRequestError(
                 f"model `{model.id}` has no chat template; use /v1/completions with a plain prompt",
@@ -77,7 +80,10 @@ class ServedModels:
             )
         try:
             text = self.tokenizer.apply_chat_template(
-                messages, chat_template=model.chat_template, add_generation_prompt=True, tokenize=False
+                messages,
+                chat_template=model.chat_template,
+                add_generation_prompt=add_generation_prompt,
+                tokenize=False,
             )
         except Exception as exc:  # jinja raises TemplateError (e.g. "roles must alternate")
             raise BadRequestError(

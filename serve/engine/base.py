@@ -2,7 +2,8 @@
 
 An engine is built once at start-up with the base model and every adapter; after that it only
 generates. Cancellation is cooperative: closing the async iterator returned by `generate` (which
-happens when the HTTP client disconnects) aborts the request and frees its slot.
+happens when the HTTP client disconnects) aborts the request and frees its slot. `health` says
+whether it can serve: /health, /ready and every route read it, so a dead engine answers 503 at once.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import abc
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Literal
 
 from serve.engine.types import GenerationOutput, GenerationRequest
 
@@ -22,6 +24,15 @@ class EngineStats:
     running: int = 0
     kv_cache_usage: float = 0.0  # fraction of the KV budget in use
     extra: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EngineHealth:
+    """loading until `start()` returns; ready while it serves; stopping once `shutdown()` began;
+    dead when its loop (or vLLM's engine core) failed and it cannot serve again (`detail` says why)."""
+
+    state: Literal["loading", "ready", "stopping", "dead"]
+    detail: str | None = None
 
 
 class Engine(abc.ABC):
@@ -57,5 +68,10 @@ class Engine(abc.ABC):
 
     @property
     @abc.abstractmethod
+    def health(self) -> EngineHealth:
+        """Whether the engine can serve now (see `EngineHealth`)."""
+
+    @property
     def ready(self) -> bool:
-        """True once the engine has produced a token (a warm-up or a real request)."""
+        """True once the engine has produced a token (a warm-up or a real request) and still serves."""
+        return self.health.state == "ready"

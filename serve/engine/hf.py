@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from serve.adapters import AdapterSpec
 from serve.config import ServeConfig
-from serve.engine.base import Engine, EngineStats
+from serve.engine.base import Engine, EngineHealth, EngineStats
 from serve.engine.detokenizer import IncrementalDetokenizer
 from serve.engine.scheduler import Scheduler, Sequence, StepPlan
 from serve.engine.types import (
@@ -28,6 +28,7 @@ from serve.engine.types import (
     GenerationRequest,
     SamplingParams,
     TokenLogprob,
+    UnknownAdapterError,
 )
 from serve.models import ResolvedModel
 
@@ -54,6 +55,7 @@ class HFEngine(Engine):
         self._adapter_index = {a.name: i for i, a in enumerate(adapters)}
         self._ready = False
         self._dead: str | None = None
+        self._stopping = False
         self._accepting = False
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -63,8 +65,17 @@ class HFEngine(Engine):
         self._thread: threading.Thread | None = None
         self._pending: list = []  # (state, output) produced by the engine thread, not yet delivered
         self.steps = 0
+        self.failed_steps = 0
+        # Set by load(); None until then (and after a failed load), so stats() and shutdown() still work.
         self.tokenizer = None
         self.max_model_len = 0
+        self.device = self.dtype = None
+        self.lora_ctx = None
+        self.native = None
+        self.decoder = self.lm_head = None
+        self.impl: str | None = None
+        self.cache = None
+        self.scheduler: Scheduler | None = None
 
     # ------------------------------------------------------------------ set-up
 
@@ -175,8 +186,12 @@ class HFEngine(Engine):
 
     async def shutdown(self, timeout: float = 30.0) -> None:
         self._accepting = False
+        self._stopping = True
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and (self._incoming or self.scheduler.has_work):
+        # Let running requests finish, unless the loop is gone (a dead engine drains nothing).
+        while (
+            time.monotonic() < deadline and self._loop_alive and (self._incoming or self.scheduler.has_work)
+        ):
             await asyncio.sleep(0.05)
         self._stop = True
         self._wake.set()
@@ -186,14 +201,24 @@ class HFEngine(Engine):
     # ------------------------------------------------------------------ interface
 
     @property
-    def ready(self) -> bool:
-        return self._ready and self._dead is None
+    def _loop_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def health(self) -> EngineHealth:
+        if self._dead:
+            return EngineHealth("dead", self._dead)
+        if self._thread is not None and not self._thread.is_alive() and not self._stop:
+            return EngineHealth("dead", "the engine thread exited")
+        if self._stopping:
+            return EngineHealth("stopping", "the server is shutting down")
+        return EngineHealth("ready") if self._ready else EngineHealth("loading")
 
     def adapter_names(self) -> list[str]:
         return list(self._adapter_index)
 
     def stats(self) -> EngineStats:
-        sched = getattr(self, "scheduler", None)
+        sched = self.scheduler
         if sched is None:
             return EngineStats()
         used = sum(s.total_len for s in sched.running)
@@ -205,14 +230,13 @@ class HFEngine(Engine):
         )
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
-        if self._dead:
-            raise EngineDeadError(self._dead)
-        if not self._accepting:
-            raise EngineDeadError("the engine is shutting down")
+        health = self.health
+        if health.state == "dead" or not self._accepting:
+            raise EngineDeadError(health.detail or "the engine is not running")
         if len(self.scheduler.waiting) + len(self._incoming) >= self.config.max_queue:
             raise EngineOverloadedError(f"the request queue is full ({self.config.max_queue} waiting)")
         if request.adapter is not None and request.adapter not in self._adapter_index:
-            raise KeyError(request.adapter)
+            raise UnknownAdapterError(request.adapter)
         from serve.engine.sampling import make_generator
 
         loop = asyncio.get_running_loop()
@@ -258,18 +282,38 @@ class HFEngine(Engine):
                         continue
                     plan = self.scheduler.schedule()
                     if not plan.empty:
-                        self._step(plan)
+                        try:
+                            self._step(plan)
+                        except Exception as exc:  # one bad step fails its own requests, not the engine
+                            self._fail_step(plan, exc)
                         self.steps += 1
                     self._flush()
         except Exception as exc:  # the loop must never die silently: fail every request, then report
             logger.exception("engine loop failed")
-            self._dead = f"engine failure: {type(exc).__name__}"
+            self._dead = f"engine failure: {type(exc).__name__}: {exc}"
             for seq in [*self.scheduler.running, *self.scheduler.waiting, *self._incoming]:
                 self._finish(seq, "error", error=self._dead)
         finally:
             for seq in [*self.scheduler.running, *self.scheduler.waiting, *self._incoming]:
                 self._finish(seq, "abort")
             self._flush()
+
+    def _fail_step(self, plan: StepPlan, exc: Exception) -> None:
+        """Finish every request of a failed step with an error and free its slot; the rest go on.
+
+        The failed sequences leave the cache, so whatever the step half-wrote there is never read.
+        """
+        self.failed_steps += 1
+        seqs = list(dict.fromkeys([*plan.decode, *(c.seq for c in plan.prefill)]))
+        logger.error(
+            "engine step failed (%d sequences; failing them, serving the rest): %s: %s",
+            len(seqs), type(exc).__name__, exc, exc_info=exc,
+        )  # fmt: skip
+        reason = f"the engine step running this request failed ({type(exc).__name__})"
+        for seq in seqs:
+            if not seq.finished:
+                self._finish(seq, "error", error=reason)
+                self.scheduler.remove(seq)
 
     def _drain(self) -> None:
         with self._lock:

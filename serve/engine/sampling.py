@@ -24,6 +24,7 @@ class RowState:
 
 
 def make_generator(seed: int | None, device) -> torch.Generator | None:
+    """A generator for a seeded request (seeds are validated to [0, 2**63) by the protocol)."""
     if seed is None:
         return None
     g = torch.Generator(device=device)
@@ -70,14 +71,21 @@ def token_logprob(row_logprobs: torch.Tensor, token_id: int, top_k: int) -> Toke
 
 
 def _sample_row(row: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> int:
+    """Sample one token, safe for every value the protocol admits.
+
+    Temperature is at least 1e-5 here (lower is greedy) and softmax subtracts the maximum, so scaling
+    never overflows. top-p always keeps the most likely token: a `top_p` below float32's smallest
+    number (1e-46 rounds to 0) would otherwise keep nothing and leave an all-zero distribution.
+    """
+    if not torch.isfinite(row).any():
+        raise ValueError("every token has probability zero (the logits are all -inf or NaN)")
     scaled = row / p.temperature
     if p.top_p < 1.0:
         sorted_logits, sorted_idx = torch.sort(scaled, descending=True)
         probs = torch.softmax(sorted_logits, dim=-1)
-        cum = torch.cumsum(probs, dim=-1)
-        keep = (cum - probs) < p.top_p  # always keeps the top token
-        probs = probs * keep
-        choice = torch.multinomial(probs / probs.sum(), 1, generator=generator)
+        keep = (torch.cumsum(probs, dim=-1) - probs) < p.top_p
+        keep[0] = True
+        choice = torch.multinomial(probs * keep, 1, generator=generator)
         return int(sorted_idx[choice])
     probs = torch.softmax(scaled, dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))

@@ -72,3 +72,26 @@ class EngineOverloadedError(RuntimeError):
 
 class EngineDeadError(RuntimeError):
     """The engine loop stopped and cannot serve requests (HTTP 503)."""
+
+
+class UnknownAdapterError(KeyError):
+    """The request names an adapter the engine does not hold (HTTP 404)."""
+
+    def __init__(self, name: str):
+        super().__init__(name)
+        self.name = name
+
+    def __str__(self) -> str:
+        return f"unknown adapter {self.name!r}"
+
+
+class InvalidGenerationRequest(ValueError):
+    """The engine cannot take this request as given (HTTP 400 naming `param`)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+class GenerationFailedError(RuntimeError):
+    """A request ended with finish_reason "error": the engine step running it failed (HTTP 500)."""

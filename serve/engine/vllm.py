@@ -25,13 +25,15 @@ from pathlib import Path
 
 from serve.adapters import AdapterSpec
 from serve.config import ServeConfig
-from serve.engine.base import Engine, EngineStats
+from serve.engine.base import Engine, EngineHealth, EngineStats
 from serve.engine.types import (
     EngineDeadError,
     EngineOverloadedError,
     GenerationOutput,
     GenerationRequest,
+    InvalidGenerationRequest,
     SamplingParams,
+    UnknownAdapterError,
 )
 from serve.engine.vllm_lora import check_vllm_adapter, lora_settings
 from serve.engine.vllm_outputs import OutputTracker
@@ -169,6 +171,7 @@ class VLLMEngine(Engine):
         self._idle.set()
         self._accepting = False
         self._ready = False
+        self._stopping = False
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(str(model.path))
@@ -205,6 +208,7 @@ class VLLMEngine(Engine):
 
     async def shutdown(self, timeout: float = 30.0) -> None:
         self._accepting = False
+        self._stopping = True
         if self._llm is None:
             return
         try:
@@ -221,10 +225,11 @@ class VLLMEngine(Engine):
         from vllm.inputs import TokensPrompt
         from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDeadError
 
+        health = self.health
+        if health.state == "dead":
+            raise EngineDeadError(health.detail)
         if self._llm is None or not self._accepting:
             raise EngineDeadError("the vLLM engine is not running (starting up or shutting down)")
-        if self._llm.errored:
-            raise EngineDeadError(f"the vLLM engine stopped: {self._llm.dead_error}")
         if len(self._inflight) >= self.max_inflight:
             raise EngineOverloadedError(
                 f"{len(self._inflight)} requests are running or queued (max_num_seqs + max_queue = "
@@ -234,7 +239,7 @@ class VLLMEngine(Engine):
         if request.adapter is not None:
             lora = self._lora_requests.get(request.adapter)
             if lora is None:
-                raise KeyError(f"unknown adapter {request.adapter!r}; served: {self.adapter_names()}")
+                raise UnknownAdapterError(request.adapter)
         params = request.params
         tracker = OutputTracker(
             request.request_id,
@@ -264,7 +269,7 @@ class VLLMEngine(Engine):
             raise EngineDeadError(f"the vLLM engine stopped: {exc}") from exc
         except VLLMClientError as exc:
             # vLLM refused the request itself (validation); the HTTP layer checks the same limits first.
-            raise ValueError(str(exc)) from exc
+            raise InvalidGenerationRequest(str(exc)) from exc
         except Exception as exc:
             if tracker.num_tokens == 0 and not tracker.finished:
                 raise
@@ -292,8 +297,13 @@ class VLLMEngine(Engine):
         )
 
     @property
-    def ready(self) -> bool:
-        return self._ready and self._llm is not None and not self._llm.errored
+    def health(self) -> EngineHealth:
+        llm = self._llm
+        if llm is not None and llm.errored:  # the engine core process died or raised
+            return EngineHealth("dead", f"the vLLM engine stopped: {llm.dead_error}")
+        if self._stopping:
+            return EngineHealth("stopping", "the server is shutting down")
+        return EngineHealth("ready") if self._ready and llm is not None else EngineHealth("loading")
 
 
 def _stat_sink_factory(target: EngineStats):

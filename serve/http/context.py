@@ -1,8 +1,10 @@
-"""Per-app state shared by the routers (engine, served models, settings, metrics)."""
+"""Per-app state shared by the routers (engine, served models, settings, metrics, tokenizer thread)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 from fastapi import Request
 
@@ -19,6 +21,17 @@ class AppContext:
     config: ServeConfig
     metrics: Metrics
     load_error: str | None = None
+    # Chat templates and tokenizers run here, not on the event loop: a megabyte of text takes seconds
+    # and would stall every stream and probe. One thread, because transformers' fast tokenizers mutate
+    # their truncation/padding state on each call and are not safe to call from two threads at once.
+    tokenizer_pool: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="llm-serve-tokenizer")
+    )
+
+    async def tokenize(self, fn, /, *args, **kwargs):
+        """Run `fn(*args, **kwargs)` (tokenizer or chat-template work) on the tokenizer thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.tokenizer_pool, lambda: fn(*args, **kwargs))
 
 
 def get_ctx(request: Request) -> AppContext:

@@ -7,10 +7,10 @@ import uuid
 
 from fastapi import APIRouter, Request
 
-from serve.engine.types import GenerationOutput, GenerationRequest
-from serve.errors import BadRequestError, InternalError
+from serve.engine.types import GenerationOutput
 from serve.http.context import get_ctx
-from serve.http.generation import check_ready, clamp_max_tokens, collect, merge, submit
+from serve.http.generation import Generation, check_ready, clamp_max_tokens, completion_tokens
+from serve.http.openapi import error_responses, streamed_200
 from serve.http.sse import sse_response
 from serve.protocol import (
     ChatChoice,
@@ -23,36 +23,30 @@ from serve.protocol import (
     ChatLogprobToken,
     ChatResponseMessage,
     TopLogprob,
-    Usage,
 )
 
 router = APIRouter()
+ENDPOINT = "/v1/chat/completions"
+RESPONSE = ChatCompletionResponse
 
 
-@router.post("/v1/chat/completions", response_model=ChatCompletionResponse)
+@router.post(
+    ENDPOINT,
+    response_model=RESPONSE,
+    responses={**streamed_200(RESPONSE), **error_responses(400, 401, 404, 413, 429, 500, 503)},
+)
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     ctx = get_ctx(request)
     check_ready(ctx)
     model = ctx.served.get(body.model)
-    try:
-        messages = [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-            for m in body.messages
-        ]
-    except ValueError as exc:
-        raise BadRequestError(str(exc), param="messages") from None
-    prompt_ids = ctx.served.render_chat(model, messages)
+    messages = [
+        {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages
+    ]
+    prompt_ids = await ctx.tokenize(ctx.served.render_chat, model, messages)
     max_tokens = clamp_max_tokens(ctx, len(prompt_ids), body.requested_max_tokens(), "messages")
-    rid = f"chatcmpl-{uuid.uuid4().hex}"
-    requests = []
-    for i in range(body.n):
-        params = body.to_sampling_params(max_tokens, model.eos_token_ids)
-        if params.seed is not None:
-            params.seed += i  # n choices with one seed must still differ
-        requests.append(GenerationRequest(f"{rid}-{i}", prompt_ids, params, model.adapter))
-    started = time.monotonic()
-    streams = await submit(ctx, requests)
-    ctx.metrics.ttft.labels(model.id).observe(time.monotonic() - started)
+    params = body.to_sampling_params(max_tokens, model.eos_token_ids)
+    gen = Generation(ctx, ENDPOINT, model, f"chatcmpl-{uuid.uuid4().hex}", [prompt_ids], [params], body.n)
+    await gen.start()
     tok = ctx.served.tokenizer
     eos = set(model.eos_token_ids)
 
@@ -69,20 +63,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         ]
         return ChatLogprobs(content=content)
 
-    def account(outs_per_choice) -> Usage:
-        completion = sum(outs[-1].num_generated_tokens for outs in outs_per_choice if outs)
-        ctx.metrics.prompt_tokens.labels(model.id).inc(len(prompt_ids))
-        ctx.metrics.generation_tokens.labels(model.id).inc(completion)
-        ctx.metrics.latency.labels("/v1/chat/completions", model.id).observe(time.monotonic() - started)
-        ctx.metrics.requests.labels("/v1/chat/completions", model.id, "200").inc()
-        return Usage(
-            prompt_tokens=len(prompt_ids),
-            completion_tokens=completion,
-            total_tokens=len(prompt_ids) + completion,
-        )
-
     if not body.stream:
-        results = await collect(streams, request)
+        results = await gen.collect(request)
         choices = []
         for i, outs in enumerate(results):
             lps = [lp for o in outs if (lp := logprobs_of(o))]
@@ -96,23 +78,22 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                     finish_reason=outs[-1].finish_reason,
                 )
             )
-        return ChatCompletionResponse(id=rid, model=model.id, choices=choices, usage=account(results))
+        usage = gen.usage(completion_tokens(results))
+        return ChatCompletionResponse(id=gen.id, model=model.id, choices=choices, usage=usage)
 
     created = int(time.time())
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
     async def events():
         def chunk(choices, usage=None) -> dict:
-            c = ChatCompletionChunk(id=rid, created=created, model=model.id, choices=choices, usage=usage)
+            c = ChatCompletionChunk(id=gen.id, created=created, model=model.id, choices=choices, usage=usage)
             return c.model_dump(exclude_none=usage is None)
 
         for i in range(body.n):
             yield chunk([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))])
         last: dict[int, GenerationOutput] = {}
-        async for i, out in merge(streams):
+        async for i, out in gen.stream():
             last[i] = out
-            if out.finish_reason == "error":
-                raise InternalError("generation failed; see the server log")
             if out.text or out.finish_reason or logprobs_of(out):
                 yield chunk(
                     [
@@ -124,7 +105,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                         )
                     ]
                 )
-        usage = account([[last[i]] for i in sorted(last)])
+        usage = gen.usage(completion_tokens([[last[i]] for i in sorted(last)]))
         if include_usage:
             yield chunk([], usage=usage)
 

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import AsyncIterator
 
 from fastapi.responses import StreamingResponse
 
-from serve.errors import APIError, InternalError
-
-logger = logging.getLogger(__name__)
+from serve.errors import to_api_error
 
 
 def sse_response(events: AsyncIterator[dict]) -> StreamingResponse:
@@ -18,11 +15,8 @@ def sse_response(events: AsyncIterator[dict]) -> StreamingResponse:
         try:
             async for event in events:
                 yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
-        except APIError as exc:
-            yield f"data: {json.dumps(exc.body())}\n\n"
-        except Exception:
-            logger.exception("stream failed")
-            yield f"data: {json.dumps(InternalError('generation failed; see the server log').body())}\n\n"
+        except Exception as exc:  # headers are sent: the error travels as a chunk, then [DONE]
+            yield f"data: {json.dumps(to_api_error(exc).body())}\n\n"
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from serve.engine.base import Engine, EngineStats
-from serve.engine.types import EngineOverloadedError, GenerationOutput, GenerationRequest
+from serve.engine.base import Engine, EngineHealth, EngineStats
+from serve.engine.types import EngineDeadError, EngineOverloadedError, GenerationOutput, GenerationRequest
 
 
 class FakeEngine(Engine):
@@ -22,6 +22,7 @@ class FakeEngine(Engine):
         self._ready = False
         self.fail_after: int | None = None
         self.overloaded = False
+        self.dead: str | None = None  # set to make the engine report itself dead
         self.delay = 0.0
         self.requests: list[GenerationRequest] = []
         self.aborted: list[str] = []
@@ -39,10 +40,14 @@ class FakeEngine(Engine):
         return EngineStats(waiting=0, running=0, kv_cache_usage=0.0)
 
     @property
-    def ready(self) -> bool:
-        return self._ready
+    def health(self) -> EngineHealth:
+        if self.dead:
+            return EngineHealth("dead", self.dead)
+        return EngineHealth("ready") if self._ready else EngineHealth("loading")
 
     async def generate(self, request: GenerationRequest):
+        if self.dead:
+            raise EngineDeadError(self.dead)
         if self.overloaded:
             raise EngineOverloadedError("the request queue is full (1 waiting)")
         self.requests.append(request)

@@ -192,3 +192,58 @@ def test_health_ready_metrics(client):
     assert 'llm_serve_requests_total{endpoint="/v1/chat/completions",model="a",status="200"} 1.0' in text
     assert 'llm_serve_generation_tokens_total{model="a"} 2.0' in text
     assert "llm_serve_queue_depth" in text
+
+
+def test_dead_engine_is_503_everywhere_with_the_reason(client, engine):
+    engine.dead = "engine failure: RuntimeError: boom"
+    health = client.get("/health")
+    assert health.status_code == 503 and "boom" in health.json()["detail"]
+    assert client.get("/ready").status_code == 503
+    r = client.post("/v1/chat/completions", json={"messages": MSG})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead"
+    assert "loading" not in r.json()["error"]["message"]
+
+
+def test_models_is_503_with_retry_after_until_ready(engine):
+    engine.start = lambda: __import__("asyncio").sleep(3600)  # never finishes loading
+    with make_client(engine) as c:
+        r = c.get("/v1/models")
+        assert r.status_code == 503 and r.headers["retry-after"] and "loading" in r.json()["error"]["message"]
+        assert c.get("/health").status_code == 200 and c.get("/ready").status_code == 503
+
+
+def test_tokenizer_endpoints_and_metrics_with_a_key(engine):
+    with make_client(engine, api_key="sekret") as c:
+        assert c.post("/tokenize", json={"prompt": "x"}).status_code == 401
+        assert c.post("/detokenize", json={"tokens": [1]}).status_code == 401
+        assert c.get("/tokenizer_info").status_code == 401
+        key = {"Authorization": "Bearer sekret"}
+        c.post("/v1/chat/completions", json={"model": "a", "messages": MSG, "max_tokens": 2}, headers=key)
+        text = c.get("/metrics").text  # open, as Prometheus expects, but adapters go by hash
+        assert 'model="a"' not in text and 'model="adapter-' in text
+    with make_client(engine, api_key="sekret", metrics_need_key=True) as c:
+        assert c.get("/metrics").status_code == 401
+        c.post("/v1/chat/completions", json={"model": "a", "messages": MSG, "max_tokens": 2}, headers=key)
+        assert 'model="a"' in c.get("/metrics", headers=key).text
+
+
+def test_openapi_tells_the_truth(engine):
+    with make_client(engine, api_key="sekret") as c:
+        doc = c.get("/openapi.json").json()
+    text = str(doc)
+    assert "'422'" not in text and "HTTPValidationError" not in text
+    chat = doc["paths"]["/v1/chat/completions"]["post"]
+    assert {"400", "401", "404", "413", "429", "500", "503"} <= set(chat["responses"])
+    assert chat["security"] == [{"bearer": []}]
+    assert "401" not in doc["paths"]["/health"]["get"]["responses"]
+    assert "security" not in doc["paths"]["/metrics"]["get"]
+    ids = doc["components"]["schemas"]["DetokenizeRequest"]["properties"]["tokens"]["items"]
+    assert ids["maximum"] == len(engine.tokenizer) - 1
+
+
+def test_add_generation_prompt_is_honoured(client):
+    with_prompt = client.post("/tokenize", json={"messages": MSG}).json()["tokens"]
+    without = client.post("/tokenize", json={"messages": MSG, "add_generation_prompt": False}).json()[
+        "tokens"
+    ]
+    assert len(with_prompt) > len(without) and with_prompt[: len(without)] == without

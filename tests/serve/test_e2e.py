@@ -4,6 +4,7 @@ driven by the official `openai` client (max_retries=0), as a user would."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import subprocess
 import sys
@@ -85,9 +86,11 @@ def test_chat_logprobs(client):
 
 
 def test_completions_echo_logprobs_as_lm_eval_sends(client, server):
-    tok = httpx.post(server.base_url + "/tokenize", json={"prompt": "The capital of France is Paris"}).json()[
-        "tokens"
-    ]
+    tok = httpx.post(
+        server.base_url + "/tokenize",
+        json={"prompt": "The capital of France is Paris"},
+        headers={"Authorization": f"Bearer {KEY}"},  # the tokenizer endpoints sit behind the key
+    ).json()["tokens"]
     r = client.completions.create(
         model="persona", prompt=[tok], max_tokens=1, logprobs=1, echo=True, temperature=0, seed=1
     )
@@ -132,7 +135,12 @@ def test_concurrent_adapters_and_metrics(client, server):
         t.join()
     assert len(results) == 4
     metrics = httpx.get(server.base_url + "/metrics").text
-    assert 'llm_serve_requests_total{endpoint="/v1/chat/completions",model="persona",status="200"}' in metrics
+    # /metrics is open while the server has a key: adapters are labelled by hash, never by name.
+    label = "adapter-" + hashlib.sha256(b"persona").hexdigest()[:10]
+    assert (
+        f'llm_serve_requests_total{{endpoint="/v1/chat/completions",model="{label}",status="200"}}' in metrics
+    )
+    assert "persona" not in metrics
     assert "llm_serve_time_to_first_token_seconds_bucket" in metrics
 
 

@@ -1,0 +1,106 @@
+"""Field types and pieces shared by every endpoint's request and response models.
+
+Every request field is validated to what the engine can take, so a bad value is a 400 naming the
+parameter before anything reaches the tokenizer or the engine: strings must be valid Unicode (JSON
+lets a client send a lone surrogate such as "\\ud800", which no tokenizer can encode), integers stay
+within int64, token ids within the vocabulary (checked by the route, which knows the tokenizer).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+
+#: The largest integer every JSON parser keeps exactly (JavaScript's Number.MAX_SAFE_INTEGER); integers
+#: such as seeds are bounded by it rather than by int64, whose maximum a float-based parser rounds up.
+MAX_SAFE_INT = 2**53 - 1
+MAX_N = 8
+MAX_STOP = 8
+MAX_TOP_LOGPROBS = 20
+
+
+def check_unicode(value: str) -> str:
+    """Refuse strings that cannot be encoded as UTF-8 (lone surrogates)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"is not valid Unicode: lone surrogate {value[exc.start]!r} at character {exc.start}; "
+            "send UTF-8 text"
+        ) from None
+    return value
+
+
+def integral(value):
+    """JSON Schema counts 2.0 as an integer: take it as 2 (strict mode refuses strings and 2.5)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def Int(**bounds):  # noqa: N802 - used like a type: `n: Int(ge=1, le=8) = 1`
+    """An integer field within `bounds`: strict (no "2" strings, no booleans), 2.0 accepted as 2.
+
+    The bounds come before the validator, so the OpenAPI document states them as minimum/maximum.
+    """
+    return Annotated[int, Field(**bounds), BeforeValidator(integral)]
+
+
+#: A string that the tokenizer can encode.
+Text = Annotated[str, AfterValidator(check_unicode)]
+#: A non-empty stop sequence.
+StopString = Annotated[Text, Field(min_length=1)]
+#: A token id; its upper bound is the served tokenizer's vocabulary, checked by the route and
+#: written into the OpenAPI document once the tokenizer is loaded (`x-token-id`).
+TokenId = Annotated[Int(ge=0, le=2**31 - 1), Field(json_schema_extra={"x-token-id": True})]
+#: Seeds are what `torch.Generator.manual_seed` and vLLM take without wrapping.
+Seed = Int(ge=0, le=MAX_SAFE_INT)
+#: Sampling floats: NaN and infinities are refused by the bounds and `allow_inf_nan=False`.
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False)]
+Temperature = Annotated[float, Field(ge=0.0, le=2.0, allow_inf_nan=False)]
+TopP = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
+MaxTokens = Int(ge=1, le=MAX_SAFE_INT)
+StopField = StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None
+
+
+def request_config(**extra) -> ConfigDict:
+    """Request models: unknown fields are accepted and ignored, as OpenAI-compatible servers do
+    (clients send extras); known fields are strict, so `"n": "2"` or `"stream": 0` is the 400 the
+    OpenAPI document promises, not a silent conversion."""
+    return ConfigDict(extra="allow", strict=True, **extra)
+
+
+class APIRequest(BaseModel):
+    model_config = request_config()
+
+
+class StreamOptions(BaseModel):
+    model_config = request_config()
+
+    include_usage: bool = False
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | int | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error shape: the body of every 4xx/5xx answer (`serve.errors` builds it)."""
+
+    error: ErrorBody
+
+
+def normalise_stop(v: str | list[str] | None) -> list[str] | None:
+    if v is None:
+        return None
+    return [v] if isinstance(v, str) else list(v)
