@@ -54,6 +54,7 @@ def test_form_values_become_llm_train_yaml_with_its_defaults(tmp_path):
         ("- a\n- b", "expected `key: value` lines"),
         ("a: [", "not valid YAML"),
         ("early_stopping_steps: 2", "early_stopping_steps needs an evaluation set"),
+        ("tokenized_path: /tmp/x\nlogging_dir: /var", "logging_dir, tokenized_path name files or folders"),
     ],
 )
 def test_advanced_box_errors_name_the_problem(tmp_path, advanced, message):

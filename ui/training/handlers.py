@@ -73,15 +73,25 @@ class TrainOptions:
 
 
 class TrainHandlers:
-    def __init__(self, base_url: str, api_key: str | None, options: TrainOptions):
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None,
+        options: TrainOptions,
+        *,
+        publisher: AdapterPublisher | None = None,
+        command: list[str] | None = None,
+        warm_up: bool = True,
+    ):
+        """`publisher` and `command` (llm-train's argv prefix) are for tests; `warm_up` preloads the previewer."""
         self.options = options
         self.catalog = DatasetCatalog(options.dataset_dirs)
-        self.publisher = AdapterPublisher(base_url, api_key)
-        self.manager = RunManager(options.adapter_dirs, on_finished=self._publish)
+        self.publisher = publisher or AdapterPublisher(base_url, api_key)
+        self.manager = RunManager(options.adapter_dirs, on_finished=self._publish, command=command)
         self._base_model = options.base_model
         self._previewer = None
         self._preview_lock = threading.Lock()  # one preview at a time: it loads LLaMA-Factory once
-        if self._base_model is not None:
+        if warm_up and self._base_model is not None:
             # Importing LLaMA-Factory and loading the tokenizer takes a while: do it before the first preview.
             threading.Thread(target=self._warm_up, name="train-preview-warm-up", daemon=True).start()
 

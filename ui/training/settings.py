@@ -24,6 +24,21 @@ from train.config import TrainConfig
 
 # Keys the page sets from its pickers; the advanced box may not override them.
 PAGE_KEYS = ("model_name_or_path", "stage", "finetuning_type", "dataset", "dataset_dir", "output_dir")
+# LLaMA-Factory keys that read or write files and folders: a page run touches only the folders it was given.
+PATH_KEYS = (
+    "adapter_name_or_path",
+    "cache_dir",
+    "deepspeed",
+    "export_dir",
+    "hub_model_id",
+    "logging_dir",
+    "media_dir",
+    "push_to_hub",
+    "ref_model",
+    "resume_from_checkpoint",
+    "reward_model",
+    "tokenized_path",
+)
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 HEADER = "# Written by llm-serve's Train tab. Run again with: llm-train {path}\n"
 
@@ -80,6 +95,12 @@ class TrainSettings(BaseModel):
             raise SettingsError(
                 f"advanced settings: {', '.join(owned)} are set by the page (base, stage, dataset and output "
                 "pickers); remove them from the box"
+            )
+        paths = sorted(k for k in data if k in PATH_KEYS)
+        if paths:
+            raise SettingsError(
+                f"advanced settings: {', '.join(paths)} name files or folders, which runs started from the page "
+                "may not choose; save the YAML and run it with llm-train instead"
             )
         return data
 
