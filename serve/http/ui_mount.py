@@ -1,8 +1,11 @@
 """Mount the Gradio chat page (`ui.app.create_ui`) at /ui on the server's own app.
 
 The page talks to this same server over loopback with the OpenAI client, so what it shows is what
-`curl` gets (auth, errors and all). The page holds the API key server-side; when the server listens
-beyond loopback with `--api-key`, the page asks for a login whose password is that key.
+`curl` gets (auth, errors and all). The page holds the API key server-side, so whenever the server
+has `--api-key` the page itself asks for it first (Gradio's login; any user name, the key as the
+password) and keeps it in the browser session's cookie: otherwise anyone who reaches the server's
+address, a reverse proxy on the same host included, could generate text through the page or its
+Gradio API without the key.
 """
 
 from __future__ import annotations
@@ -13,9 +16,6 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from serve.config import ServeConfig
-
-LOOPBACK = {"127.0.0.1", "localhost", "::1"}
-
 
 def make_ui_mounter(config: ServeConfig):
     def mount(app: FastAPI) -> None:
@@ -29,14 +29,14 @@ def make_ui_mounter(config: ServeConfig):
             base_url=f"http://{host}:{config.port}", api_key=key, feedback_dir=Path(config.feedback_dir)
         )
         auth = None
-        if key and config.host not in LOOPBACK:
+        if key:
             auth = lambda _user, password: hmac.compare_digest(password.encode(), key.encode())  # noqa: E731
         gr.mount_gradio_app(
             app,
             blocks,
             path="/ui",
             auth=auth,
-            auth_message="Password: the server's API key" if auth else None,
+            auth_message="This server needs its API key: any user name, the key as the password" if auth else None,
         )
 
     return mount

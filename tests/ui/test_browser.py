@@ -68,10 +68,20 @@ def page(browser, served, tmp_path):
     context.close()
 
 
-def open_page(page, url: str) -> None:
+def open_page(page, url: str, key: str | None = API_KEY) -> None:
+    """Open the page; a server with an API key asks for it first (any user name, the key)."""
     # Never wait for networkidle: the offline page never gets there.
     page.goto(url, wait_until="domcontentloaded")
+    page.wait_for_selector("#chat-input textarea, input[type=password]")
+    if page.locator("input[type=password]").count():
+        log_in(page, key)
     page.wait_for_selector("#chat-input textarea")
+
+
+def log_in(page, key: str | None) -> None:
+    page.locator("input[type=text]").first.fill("me")
+    page.fill("input[type=password]", key or "")
+    page.get_by_role("button", name="Login").click()
 
 
 def wait_for_models(page) -> None:
@@ -288,3 +298,23 @@ def test_llm_ui_standalone_shows_auth_error(browser, served, tmp_path):
         banner = page.wait_for_selector("#api-error .api-error")
         assert "401" in banner.inner_text() and "API key" in banner.inner_text()
         context.close()
+
+
+def test_page_needs_the_key_and_keeps_it_for_the_session(browser, served):
+    """With --api-key the page and its Gradio API ask for the key, even on loopback."""
+    import httpx
+
+    for path in ("/ui/config", "/ui/gradio_api/info"):
+        assert httpx.get(served.base_url + path).status_code == 401, path
+    context = browser.new_context()
+    page = context.new_page()
+    page.goto(served.base_url + "/ui/", wait_until="domcontentloaded")
+    page.wait_for_selector("input[type=password]")
+    log_in(page, "not-the-key")
+    page.wait_for_selector("text=Incorrect")
+    assert page.locator("#chat-input textarea").count() == 0
+    open_page(page, served.base_url + "/ui/", API_KEY)
+    page.reload(wait_until="domcontentloaded")  # the session keeps the key
+    page.wait_for_selector("#chat-input textarea, input[type=password]")
+    assert page.locator("input[type=password]").count() == 0
+    context.close()
