@@ -17,6 +17,7 @@ from fastapi import FastAPI
 
 from serve.config import ServeConfig
 
+
 def make_ui_mounter(config: ServeConfig):
     def mount(app: FastAPI) -> None:
         import gradio as gr
@@ -36,7 +37,9 @@ def make_ui_mounter(config: ServeConfig):
             blocks,
             path="/ui",
             auth=auth,
-            auth_message="This server needs its API key: any user name, the key as the password" if auth else None,
+            auth_message="This server needs its API key: any user name, the key as the password"
+            if auth
+            else None,
         )
 
     return mount
