@@ -189,9 +189,19 @@ def test_adapter_already_listed_by_the_adapter_dir_is_not_loaded_again():
 
 def test_adapter_is_loaded_through_the_vllm_shaped_endpoint(tmp_path):
     calls, transport = fake_server()
+    assert publisher(transport).publish("new", tmp_path / "new") == "new"
+    load = [body for path, body in calls if path == "/v1/load_lora_adapter"]
+    assert load == [{"lora_name": "new", "lora_path": str(tmp_path / "new")}]
+
+
+def test_overwritten_adapter_is_reloaded_in_place_or_left_to_the_adapter_directory(tmp_path):
+    calls, transport = fake_server(already=True)
     assert publisher(transport).publish("new", tmp_path / "new", replace=True) == "new"
     load = [body for path, body in calls if path == "/v1/load_lora_adapter"]
     assert load == [{"lora_name": "new", "lora_path": str(tmp_path / "new"), "load_inplace": True}]
+    # Runtime loading off (404): a server listing it follows its adapter directory, new weights included.
+    _, transport = fake_server(already=True, load_status=404)
+    assert publisher(transport).publish("new", tmp_path / "new", replace=True) == "new"
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,10 @@ class ServeError(RuntimeError):
     """The server did not take the adapter; the message says why and what to change."""
 
 
+class RuntimeLoadingOff(ServeError):
+    """The server has no runtime loading endpoint, or it is switched off."""
+
+
 class AdapterPublisher:
     """Loads adapters into the server at `base_url` (the page's API) and waits until it lists them."""
 
@@ -48,24 +52,34 @@ class AdapterPublisher:
         return {card["id"]: card for card in response.json().get("data", [])}
 
     def publish(self, name: str, path: Path, *, replace: bool = False) -> str:
-        """Make the server serve `path` as `name`; returns the id it is listed under. Raises ServeError."""
-        deadline = time.monotonic() + self.wait_s
+        """Make the server serve `path` as `name`; returns the id it is listed under. Raises ServeError.
+
+        `replace`: `name` was served before with other weights. A server following its adapter directory
+        serves the rewritten folder as a new version by itself; others are asked to load it in place.
+        """
         try:
-            while not replace:  # the server's adapter directory may pick it up by itself
-                if name in self.listed():
+            listed = self._wait_listed(name, self.wait_s if not replace else 0)
+            if listed and not replace:
+                return name
+            try:
+                self._load(name, path, replace=listed)
+            except RuntimeLoadingOff:
+                if listed:  # it follows its adapter directory, which now holds the new weights
                     return name
-                if time.monotonic() >= deadline:
-                    break
-                time.sleep(self.poll_s)
-            self._load(name, path, replace)
-            deadline = time.monotonic() + self.wait_s
-            while name not in self.listed():
-                if time.monotonic() >= deadline:
-                    raise ServeError(f"the server accepted {name} but does not list it in /v1/models")
-                time.sleep(self.poll_s)
+                raise
+            if not self._wait_listed(name, self.wait_s):
+                raise ServeError(f"the server accepted {name} but does not list it in /v1/models")
         except httpx.HTTPError as exc:
             raise ServeError(f"cannot reach the server at {self.base}: {exc}") from exc
         return name
+
+    def _wait_listed(self, name: str, seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        while name not in self.listed():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(self.poll_s)
+        return True
 
     def _load(self, name: str, path: Path, replace: bool) -> None:
         body = {"lora_name": name, "lora_path": str(path)}
@@ -80,7 +94,7 @@ class AdapterPublisher:
         except (ValueError, KeyError, TypeError):
             message = response.text[:300]
         if response.status_code in (404, 405):
-            raise ServeError(
+            raise RuntimeLoadingOff(
                 "the server does not load adapters at run time: start it with --adapter-dir "
                 f"{path.parent} (or --allow-runtime-lora), or restart it with --adapter {name}={path}"
             )
