@@ -159,7 +159,9 @@ def vllm_spec(
     )
 
 
-def llama_cpp_spec(name: str, binary: Path, gguf: Path, max_num_seqs: int, ctx_per_seq: int) -> ServerSpec:
+def llama_cpp_spec(
+    name: str, binary: Path, gguf: Path, max_num_seqs: int, ctx_per_seq: int, extra: list[str] | None = None
+) -> ServerSpec:
     """llama-server with one slot per stream (continuous batching) and the cores we get."""
     from serve.bench.llama_cpp import server_command
 
@@ -168,6 +170,7 @@ def llama_cpp_spec(name: str, binary: Path, gguf: Path, max_num_seqs: int, ctx_p
     cmd = server_command(
         binary, gguf, port, threads=threads, parallel=max_num_seqs, ctx_per_seq=ctx_per_seq, alias="base"
     )
+    cmd += list(extra or [])
     return ServerSpec(
         name=name,
         cmd=cmd,

@@ -65,6 +65,11 @@ class BenchConfig(BaseModel):
     )
     max_num_seqs: int = Field(16, ge=1, description="--max-num-seqs for ours and vLLM.")
     ours_args: list[str] = Field(default_factory=list, description="Extra flags passed to `llm-serve`.")
+    llama_cpp_args: list[str] = Field(
+        default_factory=list,
+        description="Extra flags for llama-server (e.g. `--poll 0` on a shared machine: its threads "
+        "spin-wait by default, which collapses when other processes hold the cores).",
+    )
     prompt_len: int = Field(
         128, ge=1, description="Prompt tokens (chat template included) in c8/c16 scenarios."
     )
@@ -177,7 +182,7 @@ def spec_for(target: str, cfg: BenchConfig, model_dir: Path, adapters: dict[str,
             return llama_cpp.missing_reason()
         gguf = llama_cpp.gguf_for(model_dir, peers.LLAMA_CPP_TARGETS[target], cfg.out_dir.resolve() / "gguf")
         ctx = max(cfg.prompt_len, cfg.single_prompt_len, cfg.memory_prompt_len) + cfg.output_len + 64
-        return peers.llama_cpp_spec(target, binary, gguf, cfg.max_num_seqs, ctx)
+        return peers.llama_cpp_spec(target, binary, gguf, cfg.max_num_seqs, ctx, extra=cfg.llama_cpp_args)
     if not peers.vllm_venv_ready():
         return f"{peers.VLLM_VENV} is missing or unfinished (make vllm-env builds it)"
     if target == "vllm-cpu":
@@ -342,6 +347,9 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
     p.add_argument("--scenarios", help=f"comma-separated, from {','.join(SCENARIOS)}")
     p.add_argument("--max-num-seqs", type=int)
     p.add_argument("--ours-arg", action="append", dest="ours_args", help="extra llm-serve flag (repeat)")
+    p.add_argument(
+        "--llama-cpp-arg", action="append", dest="llama_cpp_args", help="extra llama-server flag (repeat)"
+    )
     p.add_argument("--prompt-len", type=int)
     p.add_argument("--single-prompt-len", type=int)
     p.add_argument("--output-len", type=int)

@@ -33,7 +33,7 @@ def test_bench_writes_json_ratios_and_table(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(llama_cpp, "server_binary", lambda *a: tmp_path / "llama-server")
     gguf_types = []
     monkeypatch.setattr(llama_cpp, "gguf_for", lambda m, qtype, d: gguf_types.append(qtype) or d / "x.gguf")
-    monkeypatch.setattr(peers, "llama_cpp_spec", lambda name, *a: _fake(name, "0.01", ()))
+    monkeypatch.setattr(peers, "llama_cpp_spec", lambda name, *a, **kw: _fake(name, "0.01", ()))
     out = tmp_path / "bench"
     argv = ["--quick", "--targets", "ours,llamafactory,vllm-cpu,llama-cpp", "--out-dir", str(out), *adapters,
             "--output-len", "8", "--prompt-len", "32", "--single-prompt-len", "16",
