@@ -30,6 +30,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-seqs", type=int, help=f["max_num_seqs"].description)
     p.add_argument("--max-queue", type=int, help=f["max_queue"].description)
     p.add_argument("--kv-cache-memory-gb", type=float, help=f["kv_cache_memory_gb"].description)
+    p.add_argument(
+        "--prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=f["prefix_caching"].description,
+    )
+    p.add_argument("--prefix-cache-memory-gb", type=float, help=f["prefix_cache_memory_gb"].description)
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help=f["dtype"].description)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help=f["device"].description)
     p.add_argument("--engine", choices=["hf", "vllm"], help=f["engine"].description)

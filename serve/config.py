@@ -41,6 +41,17 @@ class ServeConfig(BaseModel):
     kv_cache_memory_gb: float | None = Field(
         None, gt=0, description="Memory budget for the KV cache in GiB (default: enough for max_num_seqs)."
     )
+    prefix_caching: bool = Field(
+        True,
+        description="Keep finished sequences' keys/values and reuse them for later prompts of the same "
+        "adapter that start the same way (chat history, shared documents, lm-eval choices).",
+    )
+    prefix_cache_memory_gb: float | None = Field(
+        None,
+        gt=0,
+        description="Memory for the prefix cache in GiB, committed at start-up; the least recently used "
+        "prefixes are evicted (default: as much as the KV cache of max_num_seqs sequences, at most 1 GiB).",
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights dtype; auto is float32 on CPU and the checkpoint's dtype on GPU."
     )

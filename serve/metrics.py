@@ -61,6 +61,7 @@ class Metrics:
             "Prompt tokens copied from a running sequence's cache instead of computed, since start.",
             registry=r,
         )
+        self.prefix_cache = PrefixCacheCollector(r)
 
     def model_label(self, model) -> str:
         """The `model` label of a served model (`serve.served.ServedModel`)."""
@@ -74,4 +75,33 @@ class Metrics:
         self.running.set(stats.running)
         self.kv_usage.set(stats.kv_cache_usage)
         self.shared_prefix.set(stats.extra.get("shared_prefix_tokens", 0.0))
+        self.prefix_cache.extra = stats.extra
         return generate_latest(self.registry)
+
+
+# Prefix cache (issue 19): figures an engine reports in `EngineStats.extra` under these keys,
+# exported only when it reports them. The cache holds one token per block.
+PREFIX_CACHE_METRICS = {
+    "prefix_cache_queries": ("counter", "llm_serve_prefix_cache_queries", "Prompt tokens looked up in the prefix cache."),
+    "prefix_cache_hits": ("counter", "llm_serve_prefix_cache_hits", "Prompt tokens served from the prefix cache instead of computed."),
+    "prefix_cache_hit_rate": ("gauge", "llm_serve_prefix_cache_hit_rate", "Prefix cache hits / queries, since start."),
+    "prefix_cache_tokens": ("gauge", "llm_serve_prefix_cache_blocks", "Blocks (tokens) whose keys/values the prefix cache holds."),
+    "prefix_cache_capacity_tokens": ("gauge", "llm_serve_prefix_cache_capacity_blocks", "Blocks (tokens) the prefix cache can hold."),
+    "prefix_cache_evicted_tokens": ("counter", "llm_serve_prefix_cache_evictions", "Blocks (tokens) evicted from the prefix cache, least recently used first."),
+}  # fmt: skip
+
+
+class PrefixCacheCollector:
+    """Exports the engine's prefix-cache figures as they are at the last `render`."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.extra: dict[str, float] = {}
+        registry.register(self)
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        for key, (kind, name, doc) in PREFIX_CACHE_METRICS.items():
+            if key in self.extra:
+                family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+                yield family(name, doc, value=self.extra[key])

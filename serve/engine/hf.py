@@ -10,6 +10,7 @@ requests for different adapters and the base share one batch.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import threading
 import time
@@ -43,7 +44,6 @@ class _SeqState:
     generator: object
     loop: asyncio.AbstractEventLoop  # the requester's loop; outputs are handed over in one batch per step
     queue: asyncio.Queue
-    prompt_logprobs: list | None
     sent_prompt_logprobs: bool = False
 
 
@@ -53,6 +53,10 @@ class HFEngine(Engine):
         self.resolved = model
         self.adapter_specs = adapters
         self._adapter_index = {a.name: i for i, a in enumerate(adapters)}
+        # Prefix-cache namespace of each adapter index (-1: the base): a per-load id, never reused.
+        self._load_ids = itertools.count()
+        self._adapter_keys = {i: next(self._load_ids) for i in range(-1, len(adapters))}
+        self._cache_drops: list = []  # adapter keys whose cached prefixes to forget (engine thread)
         self._ready = False
         self._dead: str | None = None
         self._stopping = False
@@ -85,7 +89,9 @@ class HFEngine(Engine):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from serve.engine.kv_cache import ATTN_IMPLEMENTATION, SlotKVCache, register_attention
+        from serve.engine.kv_pool import PrefixKVPool
         from serve.engine.lora import LoRAContext, install_adapters
+        from serve.engine.prefix_cache import PrefixCache
 
         cfg = self.config
         device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -132,6 +138,16 @@ class HFEngine(Engine):
             mc.num_hidden_layers, slots, kv_heads, self.max_model_len, head_dim, dtype, device
         )
         self.device, self.dtype = device, dtype
+        prefix_cache, self.pool = None, None
+        if cfg.prefix_caching:
+            row_bytes = PrefixKVPool.bytes_per_row(mc.num_hidden_layers, kv_heads, head_dim, dtype)
+            budget = (
+                cfg.prefix_cache_memory_gb * 2**30
+                if cfg.prefix_cache_memory_gb
+                else min(2**30, per_slot * slots)
+            )
+            self.pool = PrefixKVPool(self.cache, int(budget // row_bytes))
+            prefix_cache = PrefixCache(self.pool.rows)
         # 512 tokens per step: prefill throughput peaks there on the 2-core CPU (655 vs 597 tok/s at 256)
         # and a burst of prompts reaches its first token sooner.
         self.scheduler = Scheduler(
@@ -139,11 +155,16 @@ class HFEngine(Engine):
             max_batched_tokens=max(512, slots),
             move_slot=self.cache.move_slot,
             copy_prefix=self.cache.move_slot,  # copies positions [0, n) and leaves the source as it is
+            prefix_cache=prefix_cache,
+            load_cached=self.pool.load if self.pool else None,
+            save_cached=self.pool.save if self.pool else None,
         )
         logger.info(
-            "loaded %s on %s (%s, %s) in %.1f s; %d adapters; %d slots x %d tokens (KV %.2f GiB max)",
+            "loaded %s on %s (%s, %s) in %.1f s; %d adapters; %d slots x %d tokens (KV %.2f GiB max); "
+            "prefix cache %d tokens (%.2f GiB)",
             self.resolved.served_id, device, str(dtype).removeprefix("torch."), self.impl, time.monotonic() - t0,
             len(self.adapter_specs), slots, self.max_model_len, per_slot * slots / 2**30,
+            self.pool.rows if self.pool else 0, self.pool.nbytes / 2**30 if self.pool else 0.0,
         )  # fmt: skip
 
     def _build_native(self, model):
@@ -226,8 +247,20 @@ class HFEngine(Engine):
             waiting=len(sched.waiting) + len(self._incoming),
             running=len(sched.running),
             kv_cache_usage=used / (self.cache.slots * self.cache.max_len),
-            extra={"steps": float(self.steps), "shared_prefix_tokens": float(sched.shared_prefix_tokens)},
+            extra={
+                "steps": float(self.steps),
+                "shared_prefix_tokens": float(sched.shared_prefix_tokens),
+                **sched.cache_stats(),
+            },
         )
+
+    def drop_cached_prefixes(self, adapter: str | None) -> None:
+        """Forget the prefix cache's keys/values of `adapter` (None: the base), e.g. before its
+        weights change; takes effect before the next step. Thread-safe."""
+        key = self._adapter_keys[self._adapter_index[adapter] if adapter else -1]
+        with self._lock:
+            self._cache_drops.append(key)
+        self._wake.set()
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
         health = self.health
@@ -242,13 +275,13 @@ class HFEngine(Engine):
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[GenerationOutput] = asyncio.Queue()
         p = request.params
-        seq = Sequence(request, self._adapter_index.get(request.adapter, -1) if request.adapter else -1)
+        index = self._adapter_index[request.adapter] if request.adapter else -1
+        seq = Sequence(request, index, adapter_key=self._adapter_keys[index])
         seq.state = _SeqState(
             detok=IncrementalDetokenizer(self.tokenizer, p.stop),
             generator=make_generator(p.seed, self.device),
             loop=loop,
             queue=queue,
-            prompt_logprobs=[None] if p.prompt_logprobs is not None else None,
         )
         with self._lock:
             self._incoming.append(seq)
@@ -319,6 +352,9 @@ class HFEngine(Engine):
         with self._lock:
             incoming, self._incoming = self._incoming, []
             aborts, self._aborts = self._aborts, set()
+            drops, self._cache_drops = self._cache_drops, []
+        for key in drops:
+            self.scheduler.drop_cached(key)
         for seq in incoming:
             self.scheduler.add(seq)
         if aborts:
@@ -374,39 +410,56 @@ class HFEngine(Engine):
             ).last_hidden_state[0]
 
         # Rows that need logits: every decode token, the last token of each completed prompt,
-        # and every prompt token of sequences that asked for prompt logprobs.
+        # and every prompt token of sequences that asked for prompt logprobs; one lm_head call
+        # for all of them (its weight is read once per step, not once per scoring request).
         sample_rows, sample_seqs = list(range(n_dec)), list(plan.decode)
+        scored: list[tuple[Sequence, int, int]] = []  # (sequence, first position, count)
+        score_rows: list[int] = []
         for chunk, seg in zip(plan.prefill, segments, strict=True):
             chunk.seq.num_computed += chunk.length
-            if chunk.seq.request.params.prompt_logprobs is not None:
-                self._prompt_logprobs(chunk, hidden[seg.offset : seg.offset + seg.length])
+            if chunk.seq.prompt_logprobs is not None:
+                # Position j predicts token j+1; the last prompt position predicts the first output token.
+                n = min(chunk.length, len(chunk.seq.prompt_ids) - 1 - chunk.start)
+                if n > 0:
+                    scored.append((chunk.seq, chunk.start, n))
+                    score_rows += range(seg.offset, seg.offset + n)
             if chunk.completes_prompt:
                 sample_rows.append(seg.offset + seg.length - 1)
                 sample_seqs.append(chunk.seq)
         for seq in plan.decode:
             seq.num_computed += 1
+        if not sample_rows and not score_rows:
+            return
+        wanted = sample_rows + score_rows
+        everything = len(wanted) == len(tokens) and wanted == list(range(len(tokens)))
+        logits = self.lm_head(hidden if everything else hidden[wanted])
+        if scored:
+            self._prompt_logprobs(scored, logits[len(sample_rows) :])
         if not sample_rows:
             return
-        logits = self.lm_head(hidden if len(sample_rows) == len(tokens) else hidden[sample_rows])
         rows = [RowState(s.request.params, s.output_ids, s.state.generator) for s in sample_seqs]
-        chosen, lps = sample(logits, rows)
+        chosen, lps = sample(logits[: len(sample_rows)], rows)
         for seq, tok, lp in zip(sample_seqs, chosen, lps, strict=True):
             self._append(seq, tok, lp)
 
-    def _prompt_logprobs(self, chunk, hidden) -> None:
+    def _prompt_logprobs(self, scored: list[tuple[Sequence, int, int]], logits) -> None:
+        """Append each scored span's prompt-token log-probabilities (`logits` rows, in order)."""
         import torch
 
-        from serve.engine.sampling import token_logprob
-
-        seq, k = chunk.seq, chunk.seq.request.params.prompt_logprobs
-        prompt = seq.prompt_ids
-        # Position j predicts token j+1; the last prompt position predicts the first output token.
-        n = min(chunk.length, len(prompt) - 1 - chunk.start)
-        if n <= 0:
-            return
-        logprobs = torch.log_softmax(self.lm_head(hidden[:n]).float(), dim=-1)
-        for i in range(n):
-            seq.state.prompt_logprobs.append(token_logprob(logprobs[i], prompt[chunk.start + i + 1], k))
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        targets = [t for seq, start, n in scored for t in seq.prompt_ids[start + 1 : start + 1 + n]]
+        index = torch.tensor(targets, device=logprobs.device).unsqueeze(1)
+        chosen = logprobs.gather(1, index).squeeze(1).tolist()
+        k = max(seq.request.params.prompt_logprobs for seq, _, _ in scored)
+        top_v, top_i = torch.topk(logprobs, k) if k else (logprobs[:, :0], logprobs[:, :0].long())
+        top_v, top_i = top_v.tolist(), top_i.tolist()
+        row = 0
+        for seq, _, n in scored:
+            top = seq.request.params.prompt_logprobs
+            for i in range(row, row + n):
+                pairs = list(zip(top_i[i][:top], top_v[i][:top], strict=True))
+                seq.prompt_logprobs.append(TokenLogprob(targets[i], chosen[i], pairs))
+            row += n
 
     def _append(self, seq: Sequence, token: int, lp: TokenLogprob | None) -> None:
         p = seq.request.params
@@ -432,8 +485,8 @@ class HFEngine(Engine):
             num_prompt_tokens=len(seq.prompt_ids),
             num_generated_tokens=len(seq.output_ids),
         )
-        if st.prompt_logprobs is not None and not st.sent_prompt_logprobs:
-            out.prompt_logprobs = st.prompt_logprobs
+        if seq.prompt_logprobs is not None and not st.sent_prompt_logprobs:
+            out.prompt_logprobs = seq.prompt_logprobs
             st.sent_prompt_logprobs = True
         self._pending.append((st, out))
         if finish:

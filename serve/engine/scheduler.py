@@ -6,10 +6,12 @@ a token budget (`max_batched_tokens`) with prompt chunks, oldest first, so a lon
 across steps instead of stalling every stream. Finished sequences leave at once; the last slot is
 moved into the hole so running sequences stay in slots 0..N-1 and decode reads the cache as a view.
 
-Prefix sharing: before a prompt's first chunk, the longest prefix it shares with a running sequence
+Prefix reuse: before a prompt's first chunk, the longest prefix it shares with a running sequence
 of the same adapter (whose keys/values for it are already computed) is copied from that sequence's
-slot instead of being computed again: a common system prompt, or the same document under several
-questions, is prefilled once.
+slot, or, when longer, the longest prefix the prefix cache (`prefix_cache.py`) holds for that
+adapter from finished sequences: a common system prompt, the same document under several
+questions, or a chat's history is prefilled once. Sequences that leave hand their computed tokens
+to the cache before their slot is reused.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ from __future__ import annotations
 import contextlib
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
-from serve.engine.types import GenerationRequest
+from serve.engine.prefix_cache import PrefixCache, has_logprob, trimmed
+from serve.engine.types import GenerationRequest, TokenLogprob
 
 
 @dataclass(eq=False)
@@ -33,6 +36,18 @@ class Sequence:
     slot: int = -1
     finished: bool = False
     state: object = None  # engine-private per-sequence data (detokenizer, generator, sink)
+    # The weights this sequence runs with, for prefix reuse: a per-load id that is never reused
+    # (an adapter unloaded and another loaded at the same index must not share cached keys/values).
+    adapter_key: Hashable = None
+    # Log-probability of each prompt token computed so far (index = position; [0] is None), when
+    # the request asked for them.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+
+    def __post_init__(self) -> None:
+        if self.adapter_key is None:
+            self.adapter_key = self.adapter_index
+        if self.request.params.prompt_logprobs is not None and self.prompt_logprobs is None:
+            self.prompt_logprobs = [None]
 
     @property
     def prompt_ids(self) -> list[int]:
@@ -79,7 +94,10 @@ class Scheduler:
         max_batched_tokens: int,
         move_slot: Callable[[int, int, int], None] | None = None,
         copy_prefix: Callable[[int, int, int], None] | None = None,
-        min_shared_prefix: int = 16,
+        min_shared_prefix: int = 4,
+        prefix_cache: PrefixCache | None = None,
+        load_cached: Callable[[list[int], int], None] | None = None,
+        save_cached: Callable[[int, int, list[int]], None] | None = None,
     ):
         self.max_num_seqs = max_num_seqs
         self.max_batched_tokens = max_batched_tokens
@@ -88,7 +106,12 @@ class Scheduler:
         self.move_slot = move_slot or (lambda src, dst, n: None)
         self.copy_prefix = copy_prefix  # (src slot, dst slot, n): copy positions [0, n); None: no sharing
         self.min_shared_prefix = min_shared_prefix
-        self.shared_prefix_tokens = 0  # prompt tokens copied instead of computed, since start
+        self.shared_prefix_tokens = 0  # prompt tokens copied from running sequences, since start
+        self.prefix_cache = prefix_cache
+        self.load_cached = load_cached or (lambda rows, slot: None)  # pool rows -> slot positions [0, n)
+        self.save_cached = save_cached or (lambda slot, start, rows: None)  # slot [start, ...) -> rows
+        self.prompt_tokens = 0  # prompt tokens of admitted sequences, since start
+        self.cache_hit_tokens = 0  # of those, copied from the prefix cache instead of computed
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -110,7 +133,7 @@ class Scheduler:
                 break
             if seq.in_prefill:
                 if seq.num_computed == 0:
-                    self._share_prefix(seq)
+                    self._reuse_prefix(seq)
                 n = min(len(seq.prompt_ids) - seq.num_computed, budget)
                 prefill.append(PrefillChunk(seq, seq.num_computed, n))
                 budget -= n
@@ -120,31 +143,72 @@ class Scheduler:
             prefill.append(PrefillChunk(seq, seq.num_computed, len(seq.prompt_ids) - seq.num_computed))
         return StepPlan(decode=decode, prefill=prefill)
 
-    def _share_prefix(self, seq: Sequence) -> None:
-        """Start `seq` past the longest computed prompt prefix a running sequence shares with it."""
-        if self.copy_prefix is None or seq.request.params.prompt_logprobs is not None:
-            return  # prompt logprobs need every prompt position computed for this sequence
-        prompt, need = seq.prompt_ids, self.min_shared_prefix
+    def _reuse_prefix(self, seq: Sequence) -> None:
+        """Start `seq` past the longest prompt prefix whose keys/values a running sequence of the
+        same adapter or the prefix cache already holds."""
+        prompt, top = seq.prompt_ids, seq.request.params.prompt_logprobs
+        self.prompt_tokens += len(prompt)
         best, source = 0, None
-        for other in self.running:
-            if other is seq or other.adapter_index != seq.adapter_index or other.num_computed < need:
-                continue
-            # Keep the last prompt token to compute: its logits give the first output token.
-            n = _common_prefix(prompt, other.prompt_ids, min(other.num_computed, len(prompt) - 1))
-            if n > best:
-                best, source = n, other
-        if best >= need:
-            self.copy_prefix(source.slot, seq.slot, best)
-            seq.num_computed = best
-            self.shared_prefix_tokens += best
+        if self.copy_prefix is not None:
+            for other in self.running:
+                if other is seq or other.adapter_key != seq.adapter_key:
+                    continue
+                limit = min(other.num_computed, len(prompt))
+                if top is not None:
+                    limit = min(limit, _logprobs_known(other.prompt_logprobs, top))
+                n = _common_prefix(prompt, other.prompt_ids, limit)
+                if n > best:
+                    best, source = n, other
+        hit = None
+        if self.prefix_cache is not None:
+            hit = self.prefix_cache.lookup(seq.adapter_key, prompt, len(prompt), top)
+            if hit.length <= best:
+                hit = None
+        # The last prompt token is always computed: its logits give the first output token. A
+        # request asking for prompt logprobs also recomputes the last matched token: its hidden
+        # state gives the log-probability of the first token not matched.
+        n = min(max(best, hit.length if hit else 0) - (top is not None), len(prompt) - 1)
+        if n < self.min_shared_prefix:
+            return
+        if hit is not None:
+            self.load_cached(hit.rows[:n], seq.slot)
+            self.cache_hit_tokens += n
+            known = hit.logprobs
+        else:
+            self.copy_prefix(source.slot, seq.slot, n)
+            self.shared_prefix_tokens += n
+            known = source.prompt_logprobs
+        seq.num_computed = n
+        if top is not None:
+            seq.prompt_logprobs = [None, *(trimmed(r, top) for r in known[1 : n + 1])]
 
-    def remove(self, seq: Sequence) -> None:
-        """Drop a finished or aborted sequence, waiting or running."""
+    def cache_stats(self) -> dict[str, float]:
+        """Prefix-cache figures for /metrics (zeros when the cache is off)."""
+        cache, queries = self.prefix_cache, self.prompt_tokens
+        return {
+            "prefix_cache_queries": float(queries),
+            "prefix_cache_hits": float(self.cache_hit_tokens),
+            "prefix_cache_hit_rate": self.cache_hit_tokens / queries if queries else 0.0,
+            "prefix_cache_tokens": float(cache.cached_tokens if cache else 0),
+            "prefix_cache_capacity_tokens": float(cache.capacity if cache else 0),
+            "prefix_cache_evicted_tokens": float(cache.evicted_tokens if cache else 0),
+        }
+
+    def remove(self, seq: Sequence, cache: bool = True) -> None:
+        """Drop a finished or aborted sequence, waiting or running.
+
+        With `cache`, the tokens whose keys/values its slot holds go to the prefix cache first
+        (pass False when they may be wrong, e.g. after a failed step).
+        """
         seq.finished = True
         if seq.slot < 0:
             with contextlib.suppress(ValueError):
                 self.waiting.remove(seq)
             return
+        if cache and self.prefix_cache is not None and seq.num_computed > 0:
+            tokens = (seq.prompt_ids + seq.output_ids)[: seq.num_computed]
+            start, rows = self.prefix_cache.insert(seq.adapter_key, tokens, seq.prompt_logprobs)
+            self.save_cached(seq.slot, start, rows)
         i, last = seq.slot, self.running[-1]
         if last is not seq:
             self.move_slot(last.slot, i, last.num_computed)
@@ -152,6 +216,20 @@ class Scheduler:
             self.running[i] = last
         self.running.pop()
         seq.slot = -1
+
+    def drop_cached(self, adapter_key: Hashable) -> int:
+        """Forget the prefix cache's tokens of one adapter load (unloaded); returns how many."""
+        return self.prefix_cache.drop(adapter_key) if self.prefix_cache is not None else 0
+
+
+def _logprobs_known(records: list[TokenLogprob | None] | None, top: int) -> int:
+    """How many leading tokens have log-probabilities with at least `top` alternatives."""
+    if records is None:
+        return 0
+    n = 0
+    while n < len(records) and has_logprob(records[n], n, top):
+        n += 1
+    return n
 
 
 def _common_prefix(a: list[int], b: list[int], limit: int) -> int:

@@ -103,6 +103,7 @@ def build_engine_kwargs(
         "tensor_parallel_size": config.tensor_parallel_size,
         "pipeline_parallel_size": config.pipeline_parallel_size,
         "enforce_eager": config.enforce_eager,
+        "enable_prefix_caching": config.prefix_caching,
         "seed": 0,
         "disable_log_stats": True,  # our own stat sink below; vLLM's console logger stays quiet
         "enable_log_requests": False,
