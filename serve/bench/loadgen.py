@@ -29,12 +29,14 @@ from serve.bench.stats import RequestResult, summarize
 
 @dataclass(frozen=True)
 class BenchRequest:
-    """One request to send: the prompt text, its built length, the output length and the model id."""
+    """One request to send: the prompt text, its built length, the output length and the model id
+    (and, for a chat turn with history, every message so far: then `prompt` is the last one)."""
 
     prompt: str
     prompt_tokens: int
     max_tokens: int
     model: str
+    messages: tuple[dict, ...] | None = None
 
 
 class LoadConfig(BaseModel):
@@ -69,7 +71,7 @@ def _payload(cfg: LoadConfig, req: BenchRequest, index: int) -> dict:
     if cfg.ignore_eos:
         body["ignore_eos"] = True
     if cfg.api == "chat":
-        body["messages"] = [{"role": "user", "content": req.prompt}]
+        body["messages"] = list(req.messages or [{"role": "user", "content": req.prompt}])
     else:
         body["prompt"] = req.prompt
     return body

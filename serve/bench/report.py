@@ -13,10 +13,10 @@ OURS = "ours"
 
 @dataclass(frozen=True)
 class Goal:
-    """One goal (issues 3 and 17): a figure, how to compare it, and the bound."""
+    """One goal (issues 3, 17 and 19): a figure, how to compare it, and the bound."""
 
     name: str
-    op: str  # ">=" or "<" or "=="
+    op: str  # ">=", "<", "<=" or "=="
     bound: float | bool
 
 
@@ -75,6 +75,10 @@ def checks(targets: dict) -> list[dict]:
         (Goal("RSS grows across the memory scenario", "==", False), trend.get("grows") if trend else None),
         (Goal("one stream: ours / llama.cpp f32", ">=", 1.0), vs_cpp.get("single")),
         (Goal("16 streams: ours / llama.cpp f32", ">=", 1.0), vs_cpp.get("c16")),
+        (
+            Goal("multiturn: TTFT p50 last turn / first turn", "<=", 1.5),
+            _get(targets, OURS, "multiturn", "ttft_last_over_first"),
+        ),
     ]
     out = []
     for goal, value in rows:
@@ -84,6 +88,8 @@ def checks(targets: dict) -> list[dict]:
             ok = value >= goal.bound
         elif goal.op == "<":
             ok = value < goal.bound
+        elif goal.op == "<=":
+            ok = value <= goal.bound
         else:
             ok = value == goal.bound
         out.append({"target": goal.name, "measured": value, "goal": f"{goal.op} {goal.bound}", "pass": ok})
@@ -147,11 +153,26 @@ def render(report: dict) -> str:
             f"final {mem['final_rss_mb']:.0f} MB, peak {mem['peak_rss_mb']:.0f} MB, "
             f"growth {mem['growth_mb']:+.0f} MB -> {'GROWS' if mem['grows'] else 'flat'}"
         )
+    turn_rows = [
+        [
+            t,
+            f"{row['turn']}",
+            _fmt(row["prompt_tokens_p50"], 0),
+            _fmt(row["ttft_p50_s"]),
+            _fmt(row["ttft_p99_s"]),
+        ]
+        for t, info in targets.items()
+        for row in info.get("scenarios", {}).get("multiturn", {}).get("turns", [])
+    ]
+    if turn_rows:
+        parts.append(
+            _table(["target", "multiturn turn", "prompt tokens p50", "TTFT p50 s", "TTFT p99 s"], turn_rows)
+        )
     check_rows = [
         [c["target"], _fmt(c["measured"]), c["goal"], {True: "PASS", False: "FAIL", None: "n/a"}[c["pass"]]]
         for c in report.get("checks", [])
     ]
-    parts.append(_table(["goal (issues 3, 17)", "measured", "bound", "result"], check_rows))
+    parts.append(_table(["goal (issues 3, 17, 19)", "measured", "bound", "result"], check_rows))
     return "\n\n".join(parts)
 
 

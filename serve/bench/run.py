@@ -10,8 +10,10 @@ vLLM engine) when ./.venv-vllm exists, then llama.cpp's server on the base weigh
 GGUF (`llama-cpp` = `llama-cpp-f32,llama-cpp-q8_0`) when `make llama-cpp` has built it) it starts the
 server, waits until it is ready, warms it up, runs the scenarios and stops it. Scenarios (issue 3):
 `single` (1 stream), `c8` and `c16` (8 and 16 concurrent streams, 128-token prompts, 128 output
-tokens), `c16_adapters` (the same 16 streams spread over 4 LoRA adapters) and `memory` (ours only:
-`--memory-requests` requests, default 1,000, with RSS checkpoints); `SCENARIOS` is the registry.
+tokens), `c16_adapters` (the same 16 streams spread over 4 LoRA adapters), `memory` (ours only:
+`--memory-requests` requests, default 1,000, with RSS checkpoints) and `multiturn` (issue 19: 8
+conversations x 6 turns whose history grows to ~1,500 tokens, TTFT per turn; `serve.bench.multiturn`);
+`SCENARIOS` is the registry.
 Peers get bounded runs: llamafactory serves one request at a time, so it gets at most
 `--llamafactory-max-requests` per scenario, and no peer starts new requests after
 `--peer-time-budget` seconds. Servers of the base model only skip the adapter scenarios.
@@ -23,6 +25,7 @@ prints a table; server logs go to `artifacts/bench/logs/<timestamp>/`.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import platform
@@ -60,7 +63,7 @@ class BenchConfig(BaseModel):
         description="Servers to measure, in order (`llama-cpp` stands for its f32 and q8_0 targets).",
     )
     scenarios: list[str] = Field(
-        default_factory=lambda: ["single", "c8", "c16", "c16_adapters", "memory"],
+        default_factory=lambda: ["single", "c8", "c16", "c16_adapters", "memory", "multiturn"],
         description="Scenarios to run (names from `SCENARIOS`).",
     )
     max_num_seqs: int = Field(16, ge=1, description="--max-num-seqs for ours and vLLM.")
@@ -80,6 +83,12 @@ class BenchConfig(BaseModel):
     memory_requests: int = Field(1000, ge=10, description="Requests in the memory scenario.")
     memory_prompt_len: int = Field(64, ge=1, description="Prompt tokens per request in the memory scenario.")
     memory_output_len: int = Field(32, ge=1, description="Output tokens per request in the memory scenario.")
+    multiturn_conversations: int = Field(8, ge=1, description="Concurrent conversations in `multiturn`.")
+    multiturn_turns: int = Field(6, ge=2, description="Turns per conversation in `multiturn`.")
+    multiturn_user_len: int = Field(64, ge=1, description="Tokens of each new user message in `multiturn`.")
+    multiturn_output_len: int = Field(
+        200, ge=1, description="Reply tokens per turn in `multiturn` (~1,500-token history by turn 6)."
+    )
     llamafactory_max_requests: int = Field(
         8, ge=1, description="Cap per scenario for llamafactory (it serves one request at a time, ~11 tok/s)."
     )
@@ -104,6 +113,7 @@ class Scenario:
     output_len: int
     models: Literal["base", "adapters", "mixed"]
     ours_only: bool = False  # peers skip it (the 1,000-request memory run)
+    skip: tuple[str, ...] = ()  # targets that skip it
 
 
 def _rounds(cfg: BenchConfig) -> int:
@@ -129,6 +139,17 @@ SCENARIOS: dict[str, Callable[[BenchConfig], Scenario]] = {
         cfg.memory_output_len,
         "mixed",
         ours_only=True,
+    ),  # fmt: skip
+    # Conversations whose history grows each turn (issue 19); llamafactory, one request at a time,
+    # would take ~15 minutes for its 48 turns.
+    "multiturn": lambda cfg: Scenario(
+        "multiturn",
+        cfg.multiturn_conversations,
+        cfg.multiturn_conversations * cfg.multiturn_turns,
+        cfg.multiturn_user_len,
+        64 if cfg.quick else cfg.multiturn_output_len,
+        "base",
+        skip=("llamafactory",),
     ),  # fmt: skip
 }
 
@@ -182,6 +203,10 @@ def spec_for(target: str, cfg: BenchConfig, model_dir: Path, adapters: dict[str,
             return llama_cpp.missing_reason()
         gguf = llama_cpp.gguf_for(model_dir, peers.LLAMA_CPP_TARGETS[target], cfg.out_dir.resolve() / "gguf")
         ctx = max(cfg.prompt_len, cfg.single_prompt_len, cfg.memory_prompt_len) + cfg.output_len + 64
+        if "multiturn" in cfg.scenarios:  # the whole conversation, chat template included
+            ctx = max(
+                ctx, cfg.multiturn_turns * (cfg.multiturn_user_len + cfg.multiturn_output_len + 16) + 64
+            )
         return peers.llama_cpp_spec(target, binary, gguf, cfg.max_num_seqs, ctx, extra=cfg.llama_cpp_args)
     if not peers.vllm_venv_ready():
         return f"{peers.VLLM_VENV} is missing or unfinished (make vllm-env builds it)"
@@ -194,6 +219,8 @@ def run_scenario(proc, spec, sc: Scenario, cfg: BenchConfig, tok, base: str) -> 
     from serve.bench.prompts import build_prompts
 
     peer = spec.name not in ("ours", "ours-vllm")
+    if sc.name == "multiturn":
+        return run_multiturn(proc, spec, sc, cfg, tok, base)
     n = sc.num_requests
     if spec.name == "llamafactory":
         n = min(n, cfg.llamafactory_max_requests)
@@ -239,6 +266,29 @@ def run_scenario(proc, spec, sc: Scenario, cfg: BenchConfig, tok, base: str) -> 
     return summary
 
 
+def run_multiturn(proc, spec, sc: Scenario, cfg: BenchConfig, tok, base: str) -> dict:
+    from serve.bench.multiturn import run_conversations, summarize_turns
+    from serve.bench.prompts import build_prompts
+
+    turns = sc.num_requests // sc.concurrency
+    texts = build_prompts(tok, sc.num_requests, sc.prompt_len, cfg.seed + 19, chat=False)
+    messages = [texts[c * turns : (c + 1) * turns] for c in range(sc.concurrency)]
+    load = LoadConfig(
+        base_url=spec.base_url, concurrency=sc.concurrency, temperature=cfg.temperature, seed=cfg.seed
+    )
+    count = lambda text: len(tok.encode(text, add_special_tokens=False))  # noqa: E731
+    with RssSampler(proc.pid) as rss:
+        per_conversation = asyncio.run(
+            run_conversations(load, base, messages, sc.output_len, count_tokens=count)
+        )
+    summary = summarize_turns(per_conversation)
+    summary.update(
+        concurrency=sc.concurrency, requests_planned=sc.num_requests, requests_sent=summary["completed"] + summary["failed"],
+        prompt_len=sc.prompt_len, output_len=sc.output_len, models=[base], peak_rss_mb=rss.peak / 2**20,
+    )  # fmt: skip
+    return summary
+
+
 def bench_target(
     target: str,
     cfg: BenchConfig,
@@ -266,7 +316,7 @@ def bench_target(
         warm = make_requests(["Hello there."] * 2, 8, 8, [base, *spec.adapters][:2])
         run(LoadConfig(base_url=spec.base_url, concurrency=2), warm)
         for sc in scenarios_for(cfg):
-            if sc.ours_only and target != "ours":
+            if (sc.ours_only and target != "ours") or target in sc.skip:
                 continue
             if sc.models != "base" and (spec.base_only or not spec.adapters):
                 continue
@@ -358,6 +408,10 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
     p.add_argument("--memory-requests", type=int, help="requests in the memory scenario (default 1000)")
     p.add_argument("--memory-prompt-len", type=int)
     p.add_argument("--memory-output-len", type=int)
+    p.add_argument("--multiturn-conversations", type=int)
+    p.add_argument("--multiturn-turns", type=int)
+    p.add_argument("--multiturn-user-len", type=int)
+    p.add_argument("--multiturn-output-len", type=int)
     p.add_argument("--llamafactory-max-requests", type=int)
     p.add_argument("--peer-time-budget", type=float)
     p.add_argument("--start-timeout", type=float)

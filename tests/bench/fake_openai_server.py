@@ -46,7 +46,10 @@ def build_app(token_delay: float, usage: bool, adapters: list[str], leak_kb: int
                 choice = {"index": 0, "delta": {"content": "tok "}} if chat else {"index": 0, "text": "tok "}
                 yield f"data: {json.dumps({'choices': [choice]})}\n\n"
             if usage:
-                u = {"prompt_tokens": 7, "completion_tokens": n, "total_tokens": n + 7}
+                # A chat with history counts its words, so multi-turn scenarios see it grow.
+                history = body.get("messages") or []
+                p = 7 if len(history) < 2 else sum(len(m["content"].split()) for m in history)
+                u = {"prompt_tokens": p, "completion_tokens": n, "total_tokens": n + p}
                 yield f"data: {json.dumps({'choices': [], 'usage': u})}\n\n"
             yield "data: [DONE]\n\n"
 

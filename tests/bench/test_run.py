@@ -37,7 +37,8 @@ def test_bench_writes_json_ratios_and_table(tmp_path, monkeypatch, capsys):
     out = tmp_path / "bench"
     argv = ["--quick", "--targets", "ours,llamafactory,vllm-cpu,llama-cpp", "--out-dir", str(out), *adapters,
             "--output-len", "8", "--prompt-len", "32", "--single-prompt-len", "16",
-            "--memory-prompt-len", "16", "--memory-output-len", "4", "--llamafactory-max-requests", "3"]  # fmt: skip
+            "--memory-prompt-len", "16", "--memory-output-len", "4", "--llamafactory-max-requests", "3",
+            "--multiturn-conversations", "3", "--multiturn-turns", "3", "--multiturn-user-len", "10"]  # fmt: skip
     assert run.main(argv) == 0
 
     (written,) = out.glob("*.json")
@@ -47,9 +48,9 @@ def test_bench_writes_json_ratios_and_table(tmp_path, monkeypatch, capsys):
     assert data["targets"]["vllm-cpu"]["status"] == "skipped"
     assert gguf_types == ["f32", "q8_0"]  # `llama-cpp` stands for both targets
     for name in ("llama-cpp-f32", "llama-cpp-q8_0"):  # base model only: no adapter or memory scenarios
-        assert set(data["targets"][name]["scenarios"]) == {"single", "c8", "c16"}
+        assert set(data["targets"][name]["scenarios"]) == {"single", "c8", "c16", "multiturn"}
     assert data["ratios"]["llama-cpp-f32"]["single"] > 1  # the fake "ours" streams 10x faster
-    assert set(ours["scenarios"]) == {"single", "c8", "c16", "c16_adapters", "memory"}
+    assert set(ours["scenarios"]) == {"single", "c8", "c16", "c16_adapters", "memory", "multiturn"}
     assert set(lf["scenarios"]) == {"single", "c8", "c16"}  # one adapter, base scenarios only
     assert ours["scenarios"]["c16"]["completed"] == 16 and ours["scenarios"]["c16"]["concurrency"] == 16
     assert lf["scenarios"]["c16"]["requests_sent"] == 3  # capped: it serves one request at a time
@@ -57,6 +58,11 @@ def test_bench_writes_json_ratios_and_table(tmp_path, monkeypatch, capsys):
     assert ours["scenarios"]["memory"]["requests_sent"] == 100
     assert ours["scenarios"]["memory"]["memory"]["grows"] is False
     assert ours["scenarios"]["single"]["peak_rss_mb"] > 10
+    turns = ours["scenarios"]["multiturn"]["turns"]
+    assert [t["completed"] for t in turns] == [3, 3, 3]
+    # Each turn carries the history: the previous 64-token reply ("tok " x 64) and a new message.
+    assert turns[0]["prompt_tokens_p50"] == 7 and turns[2]["prompt_tokens_p50"] > 2 * 64
+    assert ours["scenarios"]["multiturn"]["ttft_last_over_first"] > 0
     assert data["ratios"]["llamafactory"]["c16"] > 1  # the fake "ours" streams 4x faster
     assert {c["target"] for c in data["checks"]} >= {
         "one stream output tok/s",
