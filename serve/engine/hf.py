@@ -334,7 +334,8 @@ class HFEngine(Engine):
     def _fail_step(self, plan: StepPlan, exc: Exception) -> None:
         """Finish every request of a failed step with an error and free its slot; the rest go on.
 
-        The failed sequences leave the cache, so whatever the step half-wrote there is never read.
+        The failed sequences leave the cache, so whatever the step half-wrote there is never read
+        (nor kept for prefix reuse).
         """
         self.failed_steps += 1
         seqs = list(dict.fromkeys([*plan.decode, *(c.seq for c in plan.prefill)]))
@@ -346,7 +347,7 @@ class HFEngine(Engine):
         for seq in seqs:
             if not seq.finished:
                 self._finish(seq, "error", error=reason)
-                self.scheduler.remove(seq)
+                self.scheduler.remove(seq, cache=False)
 
     def _drain(self) -> None:
         with self._lock:

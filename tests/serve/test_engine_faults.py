@@ -65,6 +65,7 @@ def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(tiny_mod
     with client:
         wait_ready(client)
         poison_steps(engine)
+        cached = engine.scheduler.prefix_cache.cached_tokens
         bad = client.post(
             "/v1/chat/completions",
             json={"messages": [{"role": "user", "content": f"a {POISON} pill"}], "max_tokens": 4},
@@ -84,6 +85,8 @@ def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(tiny_mod
         )
         assert streamed.status_code == 200 and streamed.text.rstrip().endswith("data: [DONE]")
         assert '"delta": {"content"' in streamed.text and '"generation_failed"' in streamed.text
+        # Nothing a failed step touched is kept for prefix reuse.
+        assert engine.scheduler.prefix_cache.cached_tokens == cached
         # The engine goes on: health stays 200, the next requests succeed, no sequence is left behind.
         assert client.get("/health").status_code == 200
         for _ in range(3):

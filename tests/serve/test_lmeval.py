@@ -1,5 +1,6 @@
 """lm-eval's own `local-completions` client against a real `llm-serve`, scored the same as lm-eval's
-local HF model: the server's echo+logprobs path must give the same log-likelihoods."""
+local HF model: the server's echo+logprobs path must give the same log-likelihoods, with the
+choices after the first served from the prefix cache."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.helpers.server import start_server
@@ -46,6 +48,11 @@ def test_local_completions_matches_local_hf(default_model, tmp_path):
             include,
             tmp_path / "served",
         )
+        metrics = httpx.get(f"{server.base_url}/metrics").text
+    # The choices of a question share their context: later ones come from the prefix cache, and
+    # their log-likelihoods still match lm-eval's local model below.
+    hits = next(line for line in metrics.splitlines() if line.startswith("llm_serve_prefix_cache_hits_total"))
+    assert float(hits.split()[-1]) > 0
     local = run_lm_eval("hf", f"pretrained={default_model.path},dtype=float32", include, tmp_path / "local")
     assert served["acc"] == local["acc"]
     assert served["acc"] >= 0.5  # the default model knows most capitals
