@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast lint format bench bench-train vllm-env llama-cpp lock clean
+.PHONY: setup demo test test-fast lint format bench bench-train vllm-env llama-cpp ppo-env deepspeed-env lock clean
 
 setup:
 	@bash scripts/setup-env.sh
@@ -38,6 +38,14 @@ vllm-env:
 # from the llama-cpp-python sdist on PyPI (~8 min on 2 cores), cached under $LLM_SERVE_HOME/llama.cpp/.
 llama-cpp: setup
 	$(PY) -m serve.bench.llama_cpp build $(LLAMA_CPP_ARGS)
+
+# Optional extras of .venv, each in its own directory that only the training worker reads:
+# trl 0.9.6 for stage ppo (seconds), DeepSpeed for `llm-train --deepspeed` (about a minute).
+ppo-env: setup
+	@bash scripts/setup-extra.sh ppo
+
+deepspeed-env: setup
+	@bash scripts/setup-extra.sh deepspeed
 
 # Re-resolve configs/requirements/main.in into configs/requirements/main.lock (needs the package registry).
 lock:

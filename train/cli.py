@@ -87,7 +87,13 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"llm-train: {cfg.stage}/{cfg.finetuning_type} on {plan.base_path}, template {plan.template['name']}"
         )
-        print(f"llm-train: training in {plan.staging} (log: {plan.staging / 'train.log'})")
+        if opts.launch.distributed:
+            world = opts.launch.nnodes * opts.launch.nproc_per_node
+            print(
+                f"llm-train: {world} processes ({opts.launch.nnodes} node(s) x {opts.launch.nproc_per_node}), "
+                f"this is node {opts.launch.node_rank}, rendezvous {opts.launch.master_addr}:{opts.launch.master_port}"
+            )
+        print(f"llm-train: training in {plan.staging} (log: {plan.log_path})")
         out = execute(plan, opts)
     except Interrupted as exc:
         print(f"llm-train: {exc}", file=sys.stderr)
@@ -105,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     ) as exc:
         print(f"llm-train: error: {exc}", file=sys.stderr)
         return 1
+    if opts.launch.node_rank != 0:
+        print(f"llm-train: node {opts.launch.node_rank} done; node 0 writes {out}")
+        return 0
     print(f"llm-train: done: {out} (run_manifest.json, loss.png)")
     return 0
 

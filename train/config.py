@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-Stage = Literal["sft", "pt", "dpo", "kto", "rm"]
+Stage = Literal["sft", "pt", "dpo", "kto", "rm", "ppo"]
 
 
 class ConfigError(ValueError):
@@ -30,7 +30,8 @@ class TrainConfig(BaseModel):
         "default", description="`default`, a local HF checkpoint dir or a .gguf file"
     )
     stage: Stage = Field(
-        "sft", description="training stage: sft, pt (pre-training), dpo, kto or rm (reward model)"
+        "sft",
+        description="training stage: sft, pt (pre-training), dpo, kto, rm (reward model) or ppo (needs reward_model)",
     )
     finetuning_type: Literal["lora", "full", "freeze"] = Field("lora", description="what is trained")
     dataset: str = Field(..., description="comma-separated dataset names from dataset_dir/dataset_info.json")
@@ -76,6 +77,13 @@ class TrainConfig(BaseModel):
     bf16: bool = Field(False, description="bfloat16 training (GPU only: emulated and ~6x slower on CPU)")
     fp16: bool = Field(False, description="float16 mixed precision (GPU only)")
     deepspeed: str | None = Field(None, description="DeepSpeed JSON (set by --deepspeed)")
+    reward_model: str | None = Field(
+        None,
+        description="ppo: directory of a reward model from `llm-train` stage rm (or an http URL with type api)",
+    )
+    reward_model_type: Literal["lora", "full", "api"] | None = Field(
+        None, description="ppo: lora or full (default: what reward_model holds), or api for a reward server"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -85,6 +93,12 @@ class TrainConfig(BaseModel):
             )
         if self.val_size and self.eval_dataset:
             raise ValueError("give either val_size or eval_dataset, not both")
+        if self.stage == "ppo" and self.does_eval:
+            raise ValueError("stage ppo cannot evaluate during training: remove val_size/eval_dataset")
+        if self.stage in ("rm", "ppo") and self.early_stopping_steps:
+            raise ValueError(f"stage {self.stage} does not support early_stopping_steps (LLaMA-Factory)")
+        if self.stage != "ppo" and (self.reward_model or self.reward_model_type):
+            raise ValueError("reward_model/reward_model_type only apply to stage: ppo")
         if self.quantization_bit is not None and self.finetuning_type != "lora":
             raise ValueError("quantization_bit (QLoRA) only works with finetuning_type: lora")
         return self

@@ -1,8 +1,11 @@
 """Build what LLaMA-Factory runs: the resolved argument dict (with CPU-sane defaults) and the command.
 
-One process (`python -m train.worker CFG`, LLaMA-Factory's entry point plus our stop-on-signal
-callback) on a single machine; LLaMA-Factory's own torchrun launch (`FORCE_TORCHRUN=1 NNODES=...
-llamafactory-cli train CFG`), with DeepSpeed when asked, for several processes or nodes.
+One process: `python -m train.worker CFG` (LLaMA-Factory's entry point plus our stop-on-signal
+callback). Several processes or nodes: the same worker under the environment's own torchrun,
+`python -m torch.distributed.run --nnodes N --node-rank R --nproc-per-node P --master-addr A
+--master-port M -m train.worker CFG` (what `llamafactory-cli train` does with FORCE_TORCHRUN=1, except
+that it looks `torchrun` up on PATH, which fails in a venv that is not activated). On CPU the ranks
+talk over gloo; DeepSpeed is added by LLaMA-Factory when the YAML names a DeepSpeed JSON.
 """
 
 from __future__ import annotations
@@ -156,29 +159,32 @@ def environment(cpu: bool, launch: Launch) -> dict[str, str]:
         "TOKENIZERS_PARALLELISM": "false",
         "PYTHONUNBUFFERED": "1",
     }
-    if cpu and not launch.distributed:
-        threads = str(cpu_threads())
+    if cpu:
+        # The node's cores are shared by its ranks: more threads than cores makes every rank wait.
+        threads = str(max(1, cpu_threads() // launch.nproc_per_node))
         env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, LLM_TRAIN_THREADS=threads)
         # Measured on a shared 2-core machine: with spinning OpenMP threads a LoRA step ran 7x slower
         # than with one thread once other processes competed for the cores; passive waiting fixed it.
         env["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
-    if launch.distributed:
-        env.update(
-            FORCE_TORCHRUN="1",
-            NNODES=str(launch.nnodes),
-            NODE_RANK=str(launch.node_rank),
-            NPROC_PER_NODE=str(launch.nproc_per_node),
-            MASTER_ADDR=launch.master_addr,
-            MASTER_PORT=str(launch.master_port),
-        )
     return env
 
 
 def command(config_path: Path, launch: Launch) -> list[str]:
-    if launch.distributed:
-        cli = Path(sys.executable).parent / "llamafactory-cli"
-        return [str(cli) if cli.exists() else "llamafactory-cli", "train", str(config_path)]
-    return [sys.executable, "-m", "train.worker", str(config_path)]
+    """The worker, alone or under this Python's own torchrun (never a `torchrun` found on PATH)."""
+    worker = ["-m", "train.worker", str(config_path)]
+    if not launch.distributed:
+        return [sys.executable, *worker]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nnodes={launch.nnodes}",
+        f"--node-rank={launch.node_rank}",
+        f"--nproc-per-node={launch.nproc_per_node}",
+        f"--master-addr={launch.master_addr}",
+        f"--master-port={launch.master_port}",
+        *worker,
+    ]
 
 
 def shell_line(argv: list[str], env: dict[str, str]) -> str:

@@ -1,7 +1,9 @@
 """`run_manifest.json`: what an adapter was trained from, so serve and eval can check they match.
 
 Holds the base model (name, resolved path, sha256 of its weights), the template, each dataset's file
-and sha256, the stage, the hyper-parameters LLaMA-Factory got, final metrics and package versions.
+and sha256, the stage, the hyper-parameters LLaMA-Factory got, final metrics (tokens/s of this
+session after a `--resume`; PPO's rewards), package versions, and how the run was spread (world size,
+per-device batch, gradient accumulation, effective batch).
 Checksums of large files are cached in `$LLM_SERVE_HOME/sha256-cache.json` by path, size and mtime.
 """
 
@@ -77,8 +79,12 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def read_metrics(run_dir: Path) -> dict[str, Any]:
-    """Final metrics LLaMA-Factory wrote (all_results.json), plus token throughput from the trainer log."""
+def read_metrics(run_dir: Path, *, tokens_before: int = 0) -> dict[str, Any]:
+    """Final metrics LLaMA-Factory wrote (all_results.json), plus throughput and rewards from the trainer log.
+
+    `tokens_before` is the token count of the checkpoint a `--resume` started from: the trainer's
+    count runs on across the resume but its runtime covers only this session, so tokens/s is
+    computed over this session's tokens alone."""
     metrics: dict[str, Any] = {}
     results = run_dir / "all_results.json"
     if results.is_file():
@@ -91,13 +97,31 @@ def read_metrics(run_dir: Path) -> dict[str, Any]:
         metrics["steps"] = last.get("current_steps")
         if "total_tokens" in last:
             metrics["tokens"] = last["total_tokens"]
+    rewards = [r["reward"] for r in log if "reward" in r]
+    if rewards:  # PPO: the mean reward of each logged step's rollouts
+        metrics["rewards"] = rewards
+        metrics["final_reward"] = rewards[-1]
     evals = [r["eval_loss"] for r in log if "eval_loss" in r]
     if evals:
         metrics["best_eval_loss"] = min(evals)
     tokens = metrics.get("num_input_tokens_seen") or metrics.get("tokens")
     if tokens and metrics.get("train_runtime"):
-        metrics["tokens_per_second"] = round(tokens / metrics["train_runtime"], 2)
+        session = tokens - tokens_before
+        if tokens_before:
+            metrics["tokens_this_session"] = session
+        metrics["tokens_per_second"] = round(session / metrics["train_runtime"], 2)
     return metrics
+
+
+def checkpoint_tokens(checkpoint: Path | None) -> int:
+    """Tokens the trainer had seen when it saved `checkpoint` (0 when unknown)."""
+    if checkpoint is None:
+        return 0
+    try:
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return 0
+    return int(state.get("num_input_tokens_seen") or 0)
 
 
 def read_trainer_log(run_dir: Path) -> list[dict[str, Any]]:
@@ -123,8 +147,18 @@ def build_manifest(
     run_dir: Path,
     output_dir: Path,
     command: list[str],
+    parallel: dict[str, Any] | None = None,
+    resumed: dict[str, Any] | None = None,
+    stage_info: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    return {
+    """The manifest as a dict. `parallel` is `parallel_layout(...)`; `resumed` is
+    `{"checkpoint": NAME, "tokens_before": N}` for a `--resume`d run; `stage_info` holds what the stage
+    used beyond the base and datasets (PPO's reward model, DeepSpeed) and the launch's wall time."""
+    metrics = read_metrics(run_dir, tokens_before=(resumed or {}).get("tokens_before", 0))
+    info = dict(stage_info or {})
+    if "wall_seconds" in info:
+        metrics["wall_seconds"] = info.pop("wall_seconds")
+    manifest = {
         "schema_version": 1,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "output_dir": str(output_dir),
@@ -136,7 +170,30 @@ def build_manifest(
         "hyperparameters": {
             k: v for k, v in lf_args.items() if k not in ("output_dir", "resume_from_checkpoint")
         },
-        "metrics": read_metrics(run_dir),
+        "metrics": metrics,
         "packages": package_versions(),
         "command": command,
+        "parallel": parallel or parallel_layout(1, 1, config, None),
+    }
+    if resumed:
+        manifest["resumed"] = resumed
+    manifest.update(info)
+    return manifest
+
+
+def parallel_layout(
+    nnodes: int, nproc_per_node: int, config: dict[str, Any], backend: str | None
+) -> dict[str, Any]:
+    """How the run was spread: world size and the batch each optimizer step saw."""
+    per_device = int(config.get("per_device_train_batch_size", 1))
+    accumulation = int(config.get("gradient_accumulation_steps", 1))
+    world = nnodes * nproc_per_node
+    return {
+        "world_size": world,
+        "nnodes": nnodes,
+        "nproc_per_node": nproc_per_node,
+        "backend": backend,
+        "per_device_train_batch_size": per_device,
+        "gradient_accumulation_steps": accumulation,
+        "effective_batch_size": per_device * accumulation * world,
     }

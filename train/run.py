@@ -9,13 +9,14 @@ interrupted run (Ctrl-C, SIGTERM) leaves its last checkpoint in the staging dir 
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
-import time
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,15 @@ from train.launch import (
     has_cuda,
     llamafactory_args,
 )
-from train.manifest import MANIFEST, build_manifest, file_sha256, read_trainer_log
+from train.manifest import (
+    MANIFEST,
+    build_manifest,
+    checkpoint_tokens,
+    file_sha256,
+    parallel_layout,
+    read_trainer_log,
+)
+from train.stages import check_stage
 from train.worker import INTERRUPTED_EXIT
 
 RESOLVED_CONFIG = "llm_train_config.yaml"
@@ -78,10 +87,28 @@ class Plan:
     argv: list[str]
     env: dict[str, str]
     command_line: list[str]
+    launch: Launch = field(default_factory=Launch)
+    cpu: bool = True
+    resume_from: Path | None = None
+    resumed: dict[str, Any] | None = None  # the checkpoint and the tokens it had seen, read before training
+    stage_info: dict[str, Any] = field(default_factory=dict)  # e.g. PPO's reward model, for the manifest
+
+    @property
+    def work_dir(self) -> Path:
+        """Where this launch keeps its YAML and log: the staging dir on node 0, a private dir elsewhere
+        (nodes other than 0 write nothing into the run; their ranks' checkpoint shards aside)."""
+        if self.launch.node_rank == 0:
+            return self.staging
+        key = hashlib.sha256(str(self.output_dir).encode()).hexdigest()[:12]
+        return Path(tempfile.gettempdir()) / f"llm-train-node{self.launch.node_rank}-{key}"
 
     @property
     def config_path(self) -> Path:
-        return self.staging / RESOLVED_CONFIG
+        return self.work_dir / RESOLVED_CONFIG
+
+    @property
+    def log_path(self) -> Path:
+        return self.work_dir / TRAIN_LOG
 
     def resolved_yaml(self) -> str:
         return yaml.safe_dump(self.lf_args, allow_unicode=True, sort_keys=False)
@@ -230,10 +257,11 @@ def plan_run(cfg: TrainConfig, opts: Options, command_line: list[str]) -> Plan:
         )  # raises the QLoRA-on-CPU error
     output_dir = Path(cfg.output_dir).expanduser().resolve()
     staging = staging_dir(output_dir)
+    model = resolve_model(cfg.model_name_or_path)
+    stage_info = check_stage(cfg, opts.launch, model, resume=opts.resume, cpu=cpu, dry_run=opts.dry_run)
     resume_from = None
     if not opts.dry_run:
         resume_from = _check_output_state(output_dir, staging, opts)
-    model = resolve_model(cfg.model_name_or_path)
     dataset_dir = Path(cfg.dataset_dir).expanduser().resolve()
     datasets, chats, rows = check_datasets(cfg, dataset_dir)
     template = resolve_template(cfg, model.path, chats, opts.allow_template_mismatch)
@@ -245,12 +273,15 @@ def plan_run(cfg: TrainConfig, opts: Options, command_line: list[str]) -> Plan:
         dataset_dir=dataset_dir,
         template=template["name"],
         default_system=template.get("default_system"),
-        cpu=cpu and not opts.launch.distributed,
+        cpu=cpu,
         estimated_steps=estimate_steps(cfg, rows, world),
         resume_from=resume_from,
         deepspeed=deepspeed_config(opts.launch.deepspeed) if opts.launch.deepspeed else None,
     )
-    if cpu and not opts.launch.distributed and cfg.bf16:
+    reward = stage_info.get("reward_model")
+    if reward and reward["type"] != "api":
+        lf_args.update(reward_model=reward["path"], reward_model_type=reward["type"])
+    if cpu and cfg.bf16:
         print("llm-train: bf16 is emulated on CPU (~6x slower); training in float32", file=sys.stderr)
     plan = Plan(
         cfg=cfg,
@@ -264,6 +295,15 @@ def plan_run(cfg: TrainConfig, opts: Options, command_line: list[str]) -> Plan:
         argv=[],
         env=environment(cpu, opts.launch),
         command_line=command_line,
+        launch=opts.launch,
+        cpu=cpu,
+        resume_from=resume_from,
+        resumed=(
+            {"checkpoint": resume_from.name, "tokens_before": checkpoint_tokens(resume_from)}
+            if resume_from
+            else None
+        ),
+        stage_info=stage_info,
     )
     plan.template["chat_template_sha256"] = _text_sha(template.get("chat_template"))
     plan.argv = command(plan.config_path, opts.launch)
@@ -271,7 +311,10 @@ def plan_run(cfg: TrainConfig, opts: Options, command_line: list[str]) -> Plan:
 
 
 def _check_output_state(output_dir: Path, staging: Path, opts: Options) -> Path | None:
-    """Refuse to clobber outputs; find the checkpoint to resume from. Returns it (or None)."""
+    """Refuse to clobber outputs; find the checkpoint to resume from. Returns it (or None).
+
+    Nodes other than 0 only look for the checkpoint (multi-node --resume needs output_dir on storage
+    every node sees); what is in output_dir is node 0's business."""
     if opts.resume:
         checkpoint = last_complete_checkpoint(staging) if staging.is_dir() else None
         if checkpoint is None:
@@ -282,6 +325,8 @@ def _check_output_state(output_dir: Path, staging: Path, opts: Options) -> Path 
             )
             raise TrainError(f"nothing to resume: {where}; start a new run without --resume")
         return checkpoint
+    if opts.launch.node_rank != 0:
+        return None
     if output_dir.exists() and any(output_dir.iterdir()) and not opts.overwrite:
         raise TrainError(
             f"output_dir {output_dir} is not empty; pass --overwrite to replace it (the old contents stay until "
@@ -297,75 +342,39 @@ def _check_output_state(output_dir: Path, staging: Path, opts: Options) -> Path 
 
 
 def _text_sha(text: str | None) -> str | None:
-    import hashlib
-
     return hashlib.sha256(text.encode()).hexdigest() if text else None
 
 
 def execute(plan: Plan, opts: Options) -> Path:
     """Train, then publish the staging dir as output_dir. Raises Interrupted or TrainError."""
-    plan.staging.mkdir(parents=True, exist_ok=True)
+    from train.supervise import log_excerpt, run_supervised
+
+    plan.work_dir.mkdir(parents=True, exist_ok=True)
     plan.config_path.write_text(plan.resolved_yaml(), encoding="utf-8")
-    rc = _run_with_progress(plan, opts)
-    if rc == INTERRUPTED_EXIT or rc == -signal.SIGTERM or rc == -signal.SIGINT:
+    outcome = run_supervised(
+        plan.argv,
+        plan.env,
+        log_path=plan.log_path,
+        run_dir=plan.staging,
+        distributed=plan.launch.distributed,
+        progress=opts.progress,
+    )
+    plan.stage_info["wall_seconds"] = round(outcome.seconds, 2)
+    rc = outcome.returncode
+    if outcome.stop_requests or rc in (INTERRUPTED_EXIT, -signal.SIGTERM, -signal.SIGINT):
         checkpoint = last_complete_checkpoint(plan.staging)
         kept = f"checkpoint {checkpoint} kept" if checkpoint else "no checkpoint was completed"
+        if plan.cfg.stage == "ppo":
+            raise Interrupted(
+                f"training interrupted; LLaMA-Factory's PPO cannot resume, start it again ({kept})"
+            )
         raise Interrupted(f"training interrupted; {kept}. Continue with the same command plus --resume")
     if rc != 0:
-        log = plan.staging / TRAIN_LOG
-        tail = "\n".join(log.read_text(encoding="utf-8", errors="replace").splitlines()[-25:])
-        raise TrainError(f"LLaMA-Factory exited with status {rc}; last lines of {log}:\n{tail}")
-    if opts.launch.distributed and opts.launch.node_rank != 0:
+        raise TrainError(f"LLaMA-Factory exited with status {rc}; {log_excerpt(plan.log_path)}")
+    if plan.launch.node_rank != 0:  # node 0 publishes the run; this node leaves nothing behind
+        _clean_other_node(plan)
         return plan.output_dir
     return finalize(plan, keep_checkpoints=opts.keep_checkpoints)
-
-
-def _run_with_progress(plan: Plan, opts: Options) -> int:
-    from train.progress import ProgressBar, TrainerLogTail
-
-    env = {**os.environ, **plan.env}
-    with open(plan.staging / TRAIN_LOG, "a", encoding="utf-8") as log:
-        log.write(f"$ {' '.join(plan.argv)}\n")
-        log.flush()
-        # Own process group: a terminal Ctrl-C reaches only llm-train, which forwards exactly one
-        # SIGTERM, so the worker saves a checkpoint instead of dying mid-step.
-        proc = subprocess.Popen(
-            plan.argv, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_child_setup
-        )
-        stops = 0
-
-        def forward(signum, frame):
-            nonlocal stops
-            stops += 1
-            proc.send_signal(signal.SIGTERM if stops == 1 else signal.SIGINT)
-
-        old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
-        bar = ProgressBar(enabled=opts.progress)
-        tail = TrainerLogTail(plan.staging / "trainer_log.jsonl")
-        try:
-            while proc.poll() is None:
-                for row in tail.read_new():
-                    bar.update(row)
-                time.sleep(0.5)
-            for row in tail.read_new():
-                bar.update(row)
-        finally:
-            bar.close()
-            for s, handler in old.items():
-                signal.signal(s, handler)
-            if proc.poll() is None:
-                proc.kill()
-    return proc.returncode
-
-
-def _child_setup() -> None:
-    os.setpgrp()
-    try:  # Linux: if llm-train dies (even by SIGKILL) the worker gets SIGTERM and checkpoints
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 def finalize(plan: Plan, *, keep_checkpoints: bool = False) -> Path:
@@ -389,7 +398,9 @@ def finalize(plan: Plan, *, keep_checkpoints: bool = False) -> Path:
     )
     if not keep_checkpoints:
         for checkpoint in staging.glob("checkpoint-*"):
-            shutil.rmtree(checkpoint)
+            shutil.rmtree(checkpoint, ignore_errors=True)  # other nodes may be removing their RNG files
+    if plan.cfg.stage == "ppo":  # PEFT saved the reward adapter it loaded beside the policy: a stale copy
+        shutil.rmtree(staging / "reward", ignore_errors=True)
     plot_loss(
         read_trainer_log(staging), staging / "loss.png", title=f"{plan.cfg.stage} {plan.output_dir.name}"
     )
@@ -403,10 +414,36 @@ def finalize(plan: Plan, *, keep_checkpoints: bool = False) -> Path:
         run_dir=staging,
         output_dir=plan.output_dir,
         command=plan.command_line,
+        parallel=parallel_layout(
+            plan.launch.nnodes, plan.launch.nproc_per_node, plan.lf_args, _backend(plan)
+        ),
+        resumed=plan.resumed,
+        stage_info=plan.stage_info,
     )
     write_json_atomic(staging / MANIFEST, manifest)
     publish(staging, plan.output_dir)
     return plan.output_dir
+
+
+def _clean_other_node(plan: Plan) -> None:
+    """After a finished run, remove what this node (rank > 0) wrote: its private YAML and log, and its
+    ranks' RNG states in checkpoints. Only its own files: output_dir may be storage node 0 shares."""
+    shutil.rmtree(plan.work_dir, ignore_errors=True)
+    first = plan.launch.node_rank * plan.launch.nproc_per_node
+    for checkpoint in plan.staging.glob("checkpoint-*"):
+        for rank in range(first, first + plan.launch.nproc_per_node):
+            (checkpoint / f"rng_state_{rank}.pth").unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            checkpoint.rmdir()  # only when empty, i.e. not node 0's
+    with contextlib.suppress(OSError):
+        plan.staging.rmdir()
+
+
+def _backend(plan: Plan) -> str | None:
+    if not plan.launch.distributed:
+        return None
+    backend = "gloo" if plan.cpu else "nccl"
+    return f"deepspeed/{backend}" if plan.launch.deepspeed else backend
 
 
 def _saved_chat_template(run_dir: Path) -> str | None:

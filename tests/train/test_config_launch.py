@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -29,12 +30,12 @@ def build(c: TrainConfig, cpu: bool = True, **kw) -> dict:
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_every_example_config_loads(path):
     c = load_config(path)
-    assert c.stage in ("sft", "pt", "dpo", "kto", "rm") and c.output_dir
+    assert c.stage in ("sft", "pt", "dpo", "kto", "rm", "ppo") and c.output_dir
 
 
 def test_examples_cover_every_stage_and_finetuning_type():
     loaded = [load_config(p) for p in CONFIGS]
-    assert {c.stage for c in loaded} >= {"sft", "pt", "dpo", "kto", "rm"}
+    assert {c.stage for c in loaded} >= {"sft", "pt", "dpo", "kto", "rm", "ppo"}
     assert {c.finetuning_type for c in loaded} >= {"lora", "full", "freeze"}
     huangdi = load_config(REPO / "configs" / "train" / "huangdi.yaml")
     assert huangdi.model_name_or_path == "default"
@@ -54,7 +55,13 @@ def test_overrides_are_typed_and_win(tmp_path):
 @pytest.mark.parametrize(
     "raw,message",
     [
-        ({"stage": "ppo"}, "stage: Input should be 'sft', 'pt', 'dpo', 'kto' or 'rm'"),
+        ({"stage": "grpo"}, "stage: Input should be 'sft', 'pt', 'dpo', 'kto', 'rm' or 'ppo'"),
+        ({"stage": "ppo", "val_size": 0.1}, "stage ppo cannot evaluate during training"),
+        (
+            {"stage": "rm", "val_size": 0.1, "early_stopping_steps": 2},
+            "does not support early_stopping_steps",
+        ),
+        ({"reward_model": "saves/rm"}, "reward_model/reward_model_type only apply to stage: ppo"),
         ({"finetuning_type": "qlora"}, "finetuning_type: Input should be 'lora', 'full' or 'freeze'"),
         ({"cutoff_len": 0}, "cutoff_len: Input should be greater than 0"),
         ({"early_stopping_steps": 3}, "early_stopping_steps needs an evaluation set"),
@@ -137,26 +144,34 @@ def test_single_process_command_and_environment():
     assert "FORCE_TORCHRUN" not in env
 
 
-def test_multi_node_deepspeed_launch():
+def test_multi_node_deepspeed_launch_runs_this_pythons_torchrun():
     launch = Launch(
         nproc_per_node=8, nnodes=2, node_rank=1, master_addr="10.0.0.1", master_port=29501, deepspeed="z3"
     )
     argv = command(Path("/s/c.yaml"), launch)
-    assert Path(argv[0]).name == "llamafactory-cli" and argv[1:] == ["train", "/s/c.yaml"]
-    env = environment(cpu=False, launch=launch)
-    assert {
-        k: env[k]
-        for k in ("FORCE_TORCHRUN", "NNODES", "NODE_RANK", "NPROC_PER_NODE", "MASTER_ADDR", "MASTER_PORT")
-    } == {
-        "FORCE_TORCHRUN": "1",
-        "NNODES": "2",
-        "NODE_RANK": "1",
-        "NPROC_PER_NODE": "8",
-        "MASTER_ADDR": "10.0.0.1",
-        "MASTER_PORT": "29501",
-    }
+    # `python -m torch.distributed.run`, never a `torchrun` looked up on PATH (absent without an activated venv)
+    assert argv[0] == sys.executable and argv[1:3] == ["-m", "torch.distributed.run"]
+    assert argv[3:] == [
+        "--nnodes=2",
+        "--node-rank=1",
+        "--nproc-per-node=8",
+        "--master-addr=10.0.0.1",
+        "--master-port=29501",
+        "-m",
+        "train.worker",
+        "/s/c.yaml",
+    ]
+    assert "FORCE_TORCHRUN" not in environment(cpu=False, launch=launch)
     args = build(cfg(), cpu=False, deepspeed=deepspeed_config("z3"))
     assert args["deepspeed"].endswith("configs/deepspeed/ds_z3_config.json")
+
+
+def test_cpu_ranks_share_the_cores(monkeypatch):
+    monkeypatch.setattr("train.launch.cpu_threads", lambda: 16)
+    assert environment(cpu=True, launch=Launch(nproc_per_node=4))["OMP_NUM_THREADS"] == "4"
+    assert environment(cpu=True, launch=Launch(nproc_per_node=32))["OMP_NUM_THREADS"] == "1"
+    assert environment(cpu=True, launch=Launch())["LLM_TRAIN_THREADS"] == "16"
+    assert "OMP_NUM_THREADS" not in environment(cpu=False, launch=Launch(nproc_per_node=2))
 
 
 @pytest.mark.parametrize("preset", sorted(DEEPSPEED_PRESETS))

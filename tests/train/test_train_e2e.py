@@ -8,28 +8,17 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.helpers.training import LLM_TRAIN, llm_train, write_config
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
-LLM_TRAIN = str(Path(sys.executable).parent / "llm-train")
-TINY = {"cutoff_len": 64, "per_device_train_batch_size": 2, "logging_steps": 1, "learning_rate": 5.0e-4}
-
-
-def write_config(tmp_path: Path, **kw) -> Path:
-    path = tmp_path / "cfg.yaml"
-    path.write_text(yaml.safe_dump({"model_name_or_path": "default", **TINY, **kw}, allow_unicode=True))
-    return path
-
-
-def llm_train(*args, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run([LLM_TRAIN, *map(str, args)], capture_output=True, text=True, timeout=timeout)
 
 
 def check_manifest(out: Path, stage: str, dataset: str) -> dict:
@@ -148,10 +137,11 @@ def test_dry_run_multi_node_deepspeed_and_template_errors(tmp_path):
     command = result.stdout.strip().splitlines()[-1]
     assert command.startswith("HF_HUB_OFFLINE=1 ")
     assert (
-        "FORCE_TORCHRUN=1 NNODES=2 NODE_RANK=1 NPROC_PER_NODE=8 MASTER_ADDR=10.0.0.1 MASTER_PORT=29501"
-        in command
+        " -m torch.distributed.run --nnodes=2 --node-rank=1 --nproc-per-node=8 --master-addr=10.0.0.1 "
+        "--master-port=29501 -m train.worker " in command
     )
-    assert command.endswith(f"llamafactory-cli train {tmp_path}/.o.partial/llm_train_config.yaml")
+    # node 1 keeps its YAML and log in a private directory: only node 0 writes into the run
+    assert command.endswith("/llm_train_config.yaml") and f"{tmp_path}/.o.partial" not in command
     resolved = yaml.safe_load(result.stdout.split("# command")[0])
     assert resolved["deepspeed"] == str(REPO / "configs" / "deepspeed" / "ds_z3_config.json")
     assert resolved["template"] == "smollm2" and resolved["output_dir"] == f"{tmp_path}/.o.partial"
