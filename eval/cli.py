@@ -76,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", type=Path, help="generation cache (default $LLM_SERVE_HOME/eval-cache)")
     p.add_argument("--no-cache", action="store_true", default=None, help="neither read nor write the cache")
     p.add_argument("--allow-base-mismatch", action="store_true", default=None)
+    p.add_argument(
+        "--reward-model",
+        type=Path,
+        metavar="DIR",
+        help="score each style reply with this reward model (from `llm-train` stage rm); needs --data",
+    )
     p.add_argument("--judge-url", help="OpenAI-compatible server for a pairwise LLM judge (optional)")
     p.add_argument("--judge-model", help="the judge's model id on --judge-url")
     p.add_argument("--judge-api-key")
@@ -116,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     from eval.tasks import TaskError
     from serve.adapters import AdapterError
     from serve.models import ModelNotFoundError
+    from train.reward_model import RewardModelError
 
     try:
         cfg = config_from_args(args)
@@ -131,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         AdapterError,
         ModelNotFoundError,
         OutputExistsError,
+        RewardModelError,
         ValueError,
     ) as exc:
         print(f"llm-eval: {exc}", file=sys.stderr)
@@ -159,7 +167,7 @@ def summary(results: dict) -> str:
                     + "".join((f"{v['value']:.3f}" if v else "-").rjust(15) for v in vals)
                 )
     style = results.get("style", {}).get("targets", {})
-    for metric in ("chrf", "rouge_l", "embedding_sim", "style_proba", "length_ratio"):
+    for metric in ("chrf", "rouge_l", "embedding_sim", "style_proba", "length_ratio", "reward"):
         vals = [style.get(n, {}).get(metric) for n in names]
         if any(vals):
             lines.append(

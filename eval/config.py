@@ -77,6 +77,10 @@ class EvalConfig(BaseModel):
     allow_base_mismatch: bool = Field(
         False, description="Score adapters whose recorded base differs from --model."
     )
+    reward_model: Path | None = Field(
+        None,
+        description="Score every style reply with this reward model (an `llm-train` stage rm output); needs --data.",
+    )
     judge_url: str | None = Field(
         None, description="OpenAI-compatible server for the pairwise LLM judge (off when unset)."
     )
@@ -89,6 +93,10 @@ class EvalConfig(BaseModel):
             raise ValueError("nothing to evaluate: give --suite NAME, --tasks T1,T2 and/or --data FILE")
         if self.judge_url and not self.judge_model:
             raise ValueError("--judge-url needs --judge-model (the judge's model id on that server)")
+        if self.reward_model and not self.data:
+            raise ValueError(
+                "--reward-model scores style replies, so it needs --data (the prompts to answer)"
+            )
         if self.judge_url and not self.data:
             raise ValueError("--judge-url compares style replies, so it needs --data")
         return self

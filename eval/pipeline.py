@@ -39,6 +39,7 @@ def run_eval(cfg: EvalConfig, log=print) -> dict:
     check_out_dir(cfg.out, cfg.overwrite)
     # Quick checks first (data, tasks, targets), then anything heavy.
     examples = read_reference_set(cfg.data, limit=cfg.limit) if cfg.data else []
+    reward_model = _check_reward_model(cfg)
     plan = _plan(cfg)
     base_url = normalize_base_url(cfg.base_url) if cfg.base_url else None
     if base_url:
@@ -98,6 +99,9 @@ def run_eval(cfg: EvalConfig, log=print) -> dict:
     }
     if examples:
         results["style"] = _style(cfg, examples, replies)
+        if reward_model is not None:
+            log(f"[llm-eval] scoring replies with the reward model {reward_model.path}")
+            results["reward_model"] = _reward(cfg, reward_model, examples, replies, results["style"])
         if cfg.judge_url:
             results["judge"] = _judge(cfg, examples, replies)
     _write(cfg, results, task_samples, replies, examples)
@@ -188,6 +192,37 @@ def _style(cfg: EvalConfig, examples, replies: dict[str, list]) -> dict:
     out = score_targets(refs, texts, "base", seed=cfg.seed, embeddings=cfg.embeddings)
     out["n"] = len(refs)
     return out
+
+
+def _check_reward_model(cfg: EvalConfig):
+    if cfg.reward_model is None:
+        return None
+    from train.reward_model import check_reward_model_alone
+
+    return check_reward_model_alone(cfg.reward_model)
+
+
+def _reward(cfg: EvalConfig, info, examples, replies: dict[str, list], style: dict) -> dict:
+    """Each target's replies (and the reference replies) scored by the reward model, into `style`."""
+    from eval.style import bootstrap_ci
+    from train.reward_model import RewardScorer
+
+    def chats(texts: list[str]) -> list[list[dict]]:
+        return [
+            [*e.chat(), {"role": "assistant", "content": t}] for e, t in zip(examples, texts, strict=True)
+        ]
+
+    with RewardScorer(info) as scorer:
+        for name, gens in replies.items():
+            scores = scorer.score(chats([g.text for g in gens]), batch_size=cfg.batch_size)
+            entry = style.setdefault("targets", {}).setdefault(name, {})
+            entry["reward"] = {
+                "mean": sum(scores) / len(scores),
+                "ci95": list(bootstrap_ci(scores, seed=cfg.seed)),
+            }
+        refs = scorer.score(chats([e.reference for e in examples]), batch_size=cfg.batch_size)
+    style.setdefault("reference", {})["reward"] = sum(refs) / len(refs)
+    return {**info.manifest_entry(), "base": str(info.base_path)}
 
 
 def _judge(cfg: EvalConfig, examples, replies: dict[str, list]) -> dict:

@@ -26,6 +26,7 @@ STYLE_LABELS = {
     "distinct_2": "distinct-2",
     "length_ratio": "length ratio",
     "mean_tokens": "mean tokens",
+    "reward": "reward model score",
 }
 
 

@@ -2,6 +2,7 @@
 
 Run as:
     llm-export --adapter saves/demo --out saves/demo-merged --gguf q8_0 --modelfile --overwrite
+    llm-export --model saves/sft-full --out saves/sft-full-export --gguf q8_0   # a full fine-tune
 
 Every run verifies numerically (merged vs base+adapter, each GGUF read back vs merged) and writes
 OUT/export_report.json. Exit codes: 0 exported and verified, 1 a verification check failed (the work
@@ -23,9 +24,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--adapter",
         action="append",
-        required=True,
+        default=[],
         metavar="[NAME=]PATH",
         help="LoRA adapter directory; repeat to merge several, applied in order",
+    )
+    p.add_argument(
+        "--model",
+        help="a full checkpoint (llm-train finetuning_type full/freeze) to export instead of adapters",
     )
     p.add_argument("--out", required=True, type=Path, help="output directory (written atomically)")
     p.add_argument("--base", help="base model (default: the base the adapters were trained on)")
@@ -62,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = ExportConfig(
             adapters=args.adapter,
+            model=args.model,
             out=args.out,
             base=args.base,
             gguf=args.gguf,

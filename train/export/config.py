@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 GGUFType = Literal["f32", "f16", "bf16", "q8_0"]
 GGUF_TYPES: tuple[str, ...] = ("f32", "f16", "bf16", "q8_0")
@@ -18,8 +18,12 @@ class ExportConfig(BaseModel):
     """What to merge, where to write it and which extra artefacts to produce."""
 
     adapters: list[str] = Field(
-        min_length=1,
+        default_factory=list,
         description="LoRA adapters as `[NAME=]PATH`, applied in the order given (each is merged on top).",
+    )
+    model: str | None = Field(
+        default=None,
+        description="A full checkpoint to export as it is (full or freeze fine-tuning output), instead of adapters.",
     )
     out: Path = Field(description="Output directory for the merged checkpoint, GGUF files and report.")
     base: str | None = Field(
@@ -35,3 +39,13 @@ class ExportConfig(BaseModel):
         default=16, ge=1, le=256, description="Greedy tokens generated per verification prompt."
     )
     max_shard_size: str = Field(default="2GB", description="Largest safetensors shard of the merged model.")
+
+    @model_validator(mode="after")
+    def _what(self) -> ExportConfig:
+        if bool(self.adapters) == bool(self.model):
+            raise ValueError(
+                "give --adapter (LoRA adapters to merge) or --model (a full checkpoint), not both"
+            )
+        if self.model and self.base:
+            raise ValueError("--base only applies to --adapter exports; --model is exported as it is")
+        return self

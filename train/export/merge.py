@@ -111,6 +111,21 @@ def _check_base_checksum(spec: AdapterSpec, base: ResolvedModel) -> None:
         )
 
 
+def plan_full(model: str) -> MergePlan:
+    """A full checkpoint exported as it is (no adapters): its own tokenizer, template and system prompt."""
+    try:
+        resolved = resolve_model(model)
+    except ModelNotFoundError as exc:
+        raise ExportError(f"--model {model}: {exc}") from exc
+    manifest = {}
+    if (resolved.path / "run_manifest.json").is_file():
+        manifest = json.loads((resolved.path / "run_manifest.json").read_text())
+    system = ((manifest.get("template") or {}) if isinstance(manifest.get("template"), dict) else {}).get(
+        "default_system"
+    )
+    return MergePlan([], resolved, resolved.path, _dir_template(resolved.path), system or None)
+
+
 def plan_merge(adapter_args: list[str], base: str | None = None) -> MergePlan:
     """Read adapters, pick base, tokenizer, chat template and system prompt; loads no weights."""
     specs = load_specs(adapter_args)
@@ -215,6 +230,8 @@ def load_with_adapters(plan: MergePlan):
     }
     for spec in plan.specs:
         check_adapter_shapes(spec, shapes)
+    if not plan.specs:  # a full checkpoint: the reference is the model itself
+        return model.eval()
     first, rest = plan.specs[0], plan.specs[1:]
     peft_model = PeftModel.from_pretrained(model, first.path, adapter_name=first.name)
     for spec in rest:
@@ -230,6 +247,8 @@ def merge(peft_model):
 
     # Hundreds of tiny B@A products: thread start-up costs more than the maths, and on a busy 2-core
     # machine OpenMP's barriers made the default model's merge 10x slower (10 s vs 1.1 s) than 1 thread.
+    if not hasattr(peft_model, "merge_and_unload"):  # a full checkpoint: nothing to fold in
+        return peft_model
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from train.export.config import ExportConfig
-from train.export.merge import ExportError, plan_merge
+from train.export.merge import ExportError, plan_full, plan_merge
 
 logger = logging.getLogger(__name__)
 REPORT_NAME = "export_report.json"
@@ -48,7 +48,7 @@ def run_export(cfg: ExportConfig, after_write: Callable[[str, Path], None] | Non
     """
     out = cfg.out.expanduser().resolve()
     check_output(out, cfg.overwrite)
-    plan = plan_merge(cfg.adapters, cfg.base)
+    plan = plan_full(cfg.model) if cfg.model else plan_merge(cfg.adapters, cfg.base)
     _fail_fast(cfg, plan)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
