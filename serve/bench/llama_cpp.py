@@ -42,6 +42,10 @@ CMAKE_FLAGS = (
     "-DLLAMA_BUILD_UI=OFF",
     "-DLLAMA_USE_PREBUILT_UI=OFF",  # would download the web UI at build time
     "-DLLAMA_OPENSSL=OFF",
+    # -march=native turns on ggml's AMX kernels on Xeons that have AMX; there its q8_0 matmul crashed
+    # (SIGSEGV in ggml_backend_amx_mul_mat at warm-up). Explicit -mno-* flags win over -march's set.
+    "-DCMAKE_C_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16",
+    "-DCMAKE_CXX_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16",
 )
 
 
