@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from serve.adapters import AdapterSpec
 from serve.errors import BadRequestError, NotFoundError
+from serve.tools.render import ToolsUnsupportedError, ToolSupport, render_messages, tool_support
 
 
 @dataclass
@@ -21,6 +22,11 @@ class ServedModel:
     parent: str | None
     chat_template: str | None
     eos_token_ids: list[int] = field(default_factory=list)
+    tools: ToolSupport | None = None  # how this model takes tools (the syntax it was trained with)
+
+    def __post_init__(self):
+        if self.tools is None:
+            self.tools = tool_support(self.chat_template)
 
 
 class ServedModels:
@@ -52,6 +58,7 @@ class ServedModels:
                 base_id,
                 spec.chat_template or self.base.chat_template,
                 eos,
+                tool_support(spec.chat_template or self.base.chat_template, spec.manifest),
             )
 
     def all(self) -> list[ServedModel]:
@@ -69,18 +76,35 @@ class ServedModels:
             ) from None
 
     def render_chat(
-        self, model: ServedModel, messages: list[dict], *, add_generation_prompt: bool = True
+        self,
+        model: ServedModel,
+        messages: list[dict],
+        tools: list[dict] | None = None,
+        *,
+        add_generation_prompt: bool = True,
     ) -> list[int]:
         """Apply `model`'s chat template (with the assistant prompt at the end unless told otherwise)
-        and tokenize the result."""
+        and tokenize the result.
+
+        With tools, or tool calls and results in the history, the conversation is written the way the
+        model was trained to see tools (`serve.tools.render`)."""
         if not model.chat_template:
             raise BadRequestError(
                 f"model `{model.id}` has no chat template; use /v1/completions with a plain prompt",
                 param="messages",
             )
+        template_tools = None
+        if tools or any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
+            try:
+                messages, template_tools = render_messages(messages, tools, model.tools)
+            except ToolsUnsupportedError as exc:
+                raise BadRequestError(f"model `{model.id}` cannot take tools: {exc}", param="tools") from None
+            except ValueError as exc:
+                raise BadRequestError(str(exc), param="messages") from None
         try:
             text = self.tokenizer.apply_chat_template(
                 messages,
+                tools=template_tools,
                 chat_template=model.chat_template,
                 add_generation_prompt=add_generation_prompt,
                 tokenize=False,

@@ -49,6 +49,8 @@ from train.worker import INTERRUPTED_EXIT
 RESOLVED_CONFIG = "llm_train_config.yaml"
 TRAIN_LOG = "train.log"
 STAGE_NEEDS = {"dpo": "ranking", "rm": "ranking", "kto": "kto"}
+#: Rows with tools per dataset checked token for token against LLaMA-Factory's tool rendering.
+TOOL_PROBES = 8
 
 
 class TrainError(RuntimeError):
@@ -146,14 +148,18 @@ def stage_mismatch(entry: DatasetEntry, stage: str) -> str | None:
     return None
 
 
-def check_datasets(cfg: TrainConfig, dataset_dir: Path) -> tuple[list[dict[str, Any]], list[list[dict]], int]:
-    """Validate every row of every dataset; returns manifest entries, sample chats and training rows."""
+def check_datasets(
+    cfg: TrainConfig, dataset_dir: Path
+) -> tuple[list[dict[str, Any]], list[list[dict]], int, list[Any]]:
+    """Validate every row of every dataset; returns manifest entries, sample chats, training rows and
+    a few rows with tools (for the tool-template check)."""
     from train.data.entry import find_entry
     from train.data.validate import validate_file
 
     problems: list[str] = []
     entries: list[dict[str, Any]] = []
     chats: list[list[dict]] = []
+    tool_samples: list[Any] = []
     train_rows = 0
     for split in ("dataset", "eval_dataset"):
         for name in cfg.dataset_names(split):
@@ -163,8 +169,10 @@ def check_datasets(cfg: TrainConfig, dataset_dir: Path) -> tuple[list[dict[str, 
             if mismatch:
                 problems.append(f"{path}: {mismatch}")
             problems += [str(p) for p in report.problems]
-            if report.samples and report.samples[0][1].text is None:
-                chats.append(report.samples[0][1].conversation())
+            plain = [s for _, s in report.samples if s.text is None and not s.has_tools]
+            if plain:
+                chats.append(plain[0].conversation())
+            tool_samples += [s for _, s in report.samples if s.has_tools][:TOOL_PROBES]
             if split == "dataset":
                 train_rows += len(report.samples)
             entries.append(
@@ -183,7 +191,7 @@ def check_datasets(cfg: TrainConfig, dataset_dir: Path) -> tuple[list[dict[str, 
         raise DatasetProblems(
             f"{len(problems)} dataset problems (check with `llm-data validate FILE`):\n{shown}{more}"
         )
-    return entries, chats, train_rows
+    return entries, chats, train_rows, tool_samples
 
 
 def resolve_template(
@@ -192,19 +200,27 @@ def resolve_template(
     chats: list[list[dict]],
     allow_mismatch: bool,
     tokenizer: Any = None,
+    tool_samples: list[Any] = (),
 ) -> dict:
-    """Choose or check the template on the probes plus one real sample; a mismatch raises unless allowed.
+    """Choose or check the template on the probes plus one real sample, and on rows with tools
+    (`tool_samples`); a mismatch raises unless allowed.
 
     `tokenizer` (the model's, loaded by the caller) saves loading it again.
     """
     os.environ.setdefault("LLAMAFACTORY_VERBOSITY", "WARN")
-    from train.template import PROBES, TemplateMismatchError, check_template, choose_template
+    from train.template import (
+        PROBES,
+        TemplateMismatchError,
+        check_template,
+        check_tool_template,
+        choose_template,
+    )
 
     if tokenizer is None:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(model_path))
-    # Tool calls and results render through each side's own tool format, not comparable token for token.
+    # Chats with tool turns are checked by check_tool_template, below.
     plain = [c for c in chats if all(m["role"] in ("system", "user", "assistant") for m in c)]
     probes = PROBES + plain[:1]
     if cfg.default_system is not None:  # the user's default only applies to rows without a system prompt
@@ -229,12 +245,30 @@ def resolve_template(
             "matches_tokenizer": False,
         }
     default_system = cfg.default_system if cfg.default_system is not None else choice.default_system
+    try:
+        # How tools are written in training, for serving to write them the same way (run manifest).
+        tools = check_tool_template(
+            tokenizer,
+            choice.name,
+            default_system,
+            list(tool_samples),
+            (cfg.model_extra or {}).get("tool_format"),
+        )
+    except TemplateMismatchError as exc:
+        if not allow_mismatch:
+            raise TemplateMismatchError(
+                f"{exc}\nAn adapter trained this way is served with different tool prompts. Pass "
+                "--allow-template-mismatch to train anyway"
+            ) from exc
+        print(f"llm-train: warning: {exc} (allowed by --allow-template-mismatch)", file=sys.stderr)
+        tools = None
     return {
         **info,
         "name": choice.name,
         "default_system": default_system,
         "matches_tokenizer": True,
         "keeps_tokenizer_template": choice.keeps_tokenizer_template,
+        "tools": tools,
     }
 
 
@@ -263,8 +297,10 @@ def plan_run(cfg: TrainConfig, opts: Options, command_line: list[str]) -> Plan:
     if not opts.dry_run:
         resume_from = _check_output_state(output_dir, staging, opts)
     dataset_dir = Path(cfg.dataset_dir).expanduser().resolve()
-    datasets, chats, rows = check_datasets(cfg, dataset_dir)
-    template = resolve_template(cfg, model.path, chats, opts.allow_template_mismatch)
+    datasets, chats, rows, tool_samples = check_datasets(cfg, dataset_dir)
+    template = resolve_template(
+        cfg, model.path, chats, opts.allow_template_mismatch, tool_samples=tool_samples
+    )
     world = opts.launch.nproc_per_node * opts.launch.nnodes
     lf_args = llamafactory_args(
         cfg,

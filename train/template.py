@@ -5,11 +5,17 @@ with its named templates. `choose_template` tries LLaMA-Factory templates on pro
 sample included) and keeps the first whose token ids equal `tokenizer.apply_chat_template`'s; a
 template that would replace the tokenizer's own template is tried last. `check_template` compares one
 given template and raises `TemplateMismatchError` showing where the two renderings part.
+
+Tool rows get the same check (`check_tool_template`): LLaMA-Factory renders a sample with tools,
+function calls and observations in its tool format; serving rewrites the same conversation in the
+OpenAI shape with `serve.tools.render` and the chat template saved with the adapter; the ids must be
+equal. The tool format and the default system prompt are recorded in the run manifest for serving.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -151,3 +157,40 @@ def choose_template(
         f"no LLaMA-Factory template reproduces the model's chat template (tried {', '.join(dict.fromkeys(tried))}); "
         "set `template:` in the config and pass --allow-template-mismatch if you accept the difference"
     )
+
+
+LF_ROLES = {"user": "user", "assistant": "assistant", "function": "function", "tool": "observation"}
+
+
+def check_tool_template(
+    tokenizer: Any, name: str, default_system: str | None, samples: list[Any], tool_format: str | None = None
+) -> dict[str, Any]:
+    """How LLaMA-Factory's template `name` writes tools: `{"format", "default_system"}` for the manifest.
+
+    Raises TemplateMismatchError unless serving renders every tool sample (`train.data` Samples)
+    token for token as LLaMA-Factory trains on it, or if llm-serve cannot parse that tool format."""
+    from llamafactory.hparams import DataArguments
+
+    from serve.tools.render import llamafactory_support, render_messages
+
+    args = DataArguments(template=name, default_system=default_system, tool_format=tool_format)
+    template, tok = fixed_template(tokenizer, args)
+    info = {"format": template.format_tools.tool_format, "default_system": template.default_system}
+    support = llamafactory_support(info["format"], info["default_system"])
+    if samples and support.format is None:
+        raise TemplateMismatchError(f"template {name!r} cannot be served with tools: {support.error}")
+    for sample in samples:
+        turns = [*sample.messages, {"role": sample.response_role, "content": sample.response}]
+        lf_turns = [{"role": LF_ROLES[t["role"]], "content": t["content"]} for t in turns]
+        tools = json.dumps(sample.tools, ensure_ascii=False) if sample.tools else None
+        pairs = template.encode_multiturn(tok, lf_turns, sample.system or None, tools)
+        ours = [i for prompt, response in pairs for i in prompt + response]
+        messages, _ = render_messages(sample.conversation(), sample.tools, support)
+        text = tok.apply_chat_template(messages, tokenize=False)
+        theirs = list(tok(text, add_special_tokens=False)["input_ids"])
+        if ours != theirs:
+            raise TemplateMismatchError(
+                f"with tools, template {name!r} (LLaMA-Factory, tool format {info['format']!r}) and "
+                f"llm-serve's rendering differ at " + describe_difference(tok, ours, theirs)
+            )
+    return info

@@ -21,7 +21,11 @@ class IncrementalDetokenizer:
         self.stopped = False
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special)
+        # No clean-up of "tokenization spaces": it turns " ," into ",", so decoding more tokens would
+        # change text already released (a JSON comma after indentation vanished).
+        return self.tokenizer.decode(
+            ids, skip_special_tokens=self.skip_special, clean_up_tokenization_spaces=False
+        )
 
     def add(self, token_id: int) -> str:
         """Add one token; return the text that can be released now ("" while held back)."""

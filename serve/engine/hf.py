@@ -45,6 +45,7 @@ class _SeqState:
     loop: asyncio.AbstractEventLoop  # the requester's loop; outputs are handed over in one batch per step
     queue: asyncio.Queue
     sent_prompt_logprobs: bool = False
+    grammar: object = None  # serve.structured.bitmask.GrammarState of a constrained request
 
 
 class HFEngine(Engine):
@@ -109,6 +110,7 @@ class HFEngine(Engine):
         mc = model.config
         model_max = int(getattr(mc, "max_position_embeddings", DEFAULT_MAX_MODEL_LEN))
         self.max_model_len = min(cfg.max_model_len or min(model_max, DEFAULT_MAX_MODEL_LEN), model_max)
+        self.vocab_size = int(mc.vocab_size)  # rows of the LM head: the grammar masks this many logits
         self.native = self._build_native(model)
         if self.native is None:
             install_adapters(model, [(a.name, a.path) for a in self.adapter_specs], self.lora_ctx)
@@ -272,6 +274,11 @@ class HFEngine(Engine):
             raise UnknownAdapterError(request.adapter)
         from serve.engine.sampling import make_generator
 
+        grammar = None
+        if request.grammar is not None:
+            from serve.structured.bitmask import GrammarState
+
+            grammar = GrammarState.start(request.grammar, request.params.stop_token_ids)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[GenerationOutput] = asyncio.Queue()
         p = request.params
@@ -282,6 +289,7 @@ class HFEngine(Engine):
             generator=make_generator(p.seed, self.device),
             loop=loop,
             queue=queue,
+            grammar=grammar,
         )
         with self._lock:
             self._incoming.append(seq)
@@ -439,9 +447,21 @@ class HFEngine(Engine):
         if not sample_rows:
             return
         rows = [RowState(s.request.params, s.output_ids, s.state.generator) for s in sample_seqs]
-        chosen, lps = sample(logits[: len(sample_rows)], rows)
+        sample_logits = logits[: len(sample_rows)]
+        allowed = self._grammar_mask(sample_seqs, sample_logits.shape[-1])
+        chosen, lps = sample(sample_logits, rows, allowed=allowed)
         for seq, tok, lp in zip(sample_seqs, chosen, lps, strict=True):
             self._append(seq, tok, lp)
+
+    def _grammar_mask(self, seqs: list[Sequence], vocab: int):
+        """The allowed-token bitmask of the constrained rows, or None when no row is constrained."""
+        states = [s.state.grammar for s in seqs]
+        if all(g is None for g in states):
+            return None
+        from serve.structured.bitmask import fill_bitmask
+
+        bitmask, rows = fill_bitmask(states, vocab)
+        return (bitmask, rows) if rows else None
 
     def _prompt_logprobs(self, scored: list[tuple[Sequence, int, int]], logits) -> None:
         """Append each scored span's prompt-token log-probabilities (`logits` rows, in order)."""
@@ -468,8 +488,15 @@ class HFEngine(Engine):
         seq.output_ids.append(token)
         finish = None
         is_eos = not p.ignore_eos and token in p.stop_token_ids
+        grammar_done = False
+        if st.grammar is not None:
+            if not st.grammar.accept(token):  # the mask allows only accepted tokens; a bug if reached
+                logger.error("grammar refused token %d of %s", token, seq.request.request_id)
+            # The grammar ends on a stop token: nothing may follow, even with ignore_eos.
+            grammar_done = st.grammar.finished
+            is_eos = is_eos or (grammar_done and token in p.stop_token_ids)
         text = "" if is_eos else st.detok.add(token)
-        if is_eos or st.detok.stopped:
+        if is_eos or grammar_done or st.detok.stopped:
             finish = "stop"
         elif len(seq.output_ids) >= p.max_tokens or seq.total_len >= self.max_model_len:
             finish = "length"

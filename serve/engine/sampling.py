@@ -32,13 +32,23 @@ def make_generator(seed: int | None, device) -> torch.Generator | None:
     return g
 
 
-def sample(logits: torch.Tensor, rows: list[RowState]) -> tuple[list[int], list[TokenLogprob | None]]:
-    """`logits` is `[B, V]` float; returns chosen ids and, for rows that asked, their logprobs."""
+def sample(
+    logits: torch.Tensor, rows: list[RowState], allowed=None
+) -> tuple[list[int], list[TokenLogprob | None]]:
+    """`logits` is `[B, V]` float; returns chosen ids and, for rows that asked, their logprobs.
+
+    `allowed` is a grammar's `(bitmask, row indices)` (serve.structured.bitmask): those rows choose
+    only among allowed tokens; logprobs stay the model's own distribution, as vLLM reports them."""
     logits = logits.float()
     want_lp = [r.params.logprobs is not None for r in rows]
     logprobs = torch.log_softmax(logits, dim=-1) if any(want_lp) else None
 
     processed = logits
+    if allowed is not None:
+        from serve.structured.bitmask import apply_bitmask
+
+        processed = logits.clone()
+        apply_bitmask(processed, *allowed)
     for i, r in enumerate(rows):
         p = r.params
         if r.output_ids and (p.presence_penalty or p.frequency_penalty):

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from serve.structured.spec import OutputConstraint
 
 FinishReason = Literal["stop", "length", "abort", "error"]
 
@@ -25,6 +28,8 @@ class SamplingParams:
     # Same for the prompt tokens (completions with echo=true); the first prompt token has none.
     prompt_logprobs: int | None = None
     ignore_eos: bool = False
+    # What the output must match (JSON schema, regex, ...); None: free text.
+    constraint: OutputConstraint | None = None
 
     @property
     def greedy(self) -> bool:
@@ -37,6 +42,9 @@ class GenerationRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     adapter: str | None = None  # None: the base model
+    # `params.constraint` compiled for this engine's tokenizer (xgrammar), done before submitting so
+    # the engine loop never compiles; engines that compile themselves (vLLM) leave it None.
+    grammar: object | None = None
 
 
 @dataclass

@@ -119,9 +119,32 @@ def build_engine_kwargs(
     return kwargs
 
 
+def structured_outputs_kwargs(constraint) -> dict | None:
+    """`vllm.sampling_params.StructuredOutputsParams` arguments for an `OutputConstraint` (pure).
+
+    The HTTP layer has already compiled the constraint with xgrammar (so bad input is a 400 naming the
+    field, the same as on the HF engine); vLLM compiles it again with its own backend and cache."""
+    if constraint is None:
+        return None
+    kwargs: dict = {"disable_any_whitespace": constraint.compact}
+    if constraint.kind == "json_schema":
+        kwargs["json"] = constraint.value
+    elif constraint.kind == "json_object":
+        kwargs["json_object"] = True
+    elif constraint.kind == "choice":
+        kwargs["choice"] = constraint.choices()
+    elif constraint.kind in ("regex", "grammar", "structural_tag"):
+        kwargs[constraint.kind] = constraint.value
+    else:
+        raise ValueError(f"unknown constraint kind {constraint.kind!r}")
+    return kwargs
+
+
 def to_vllm_sampling_params(params: SamplingParams, *, cumulative: bool = True):
     from vllm import SamplingParams as VllmSamplingParams
-    from vllm.sampling_params import RequestOutputKind
+    from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+
+    structured = structured_outputs_kwargs(params.constraint)
 
     return VllmSamplingParams(
         n=1,
@@ -136,6 +159,7 @@ def to_vllm_sampling_params(params: SamplingParams, *, cumulative: bool = True):
         logprobs=params.logprobs,
         prompt_logprobs=params.prompt_logprobs,
         ignore_eos=params.ignore_eos,
+        structured_outputs=StructuredOutputsParams(**structured) if structured is not None else None,
         skip_special_tokens=True,
         output_kind=RequestOutputKind.CUMULATIVE if cumulative else RequestOutputKind.DELTA,
     )
@@ -159,6 +183,7 @@ class VLLMEngine(Engine):
         self.on_gpu = cuda_available()
         model_cfg = read_model_config(Path(model.path))
         vocab = int(model_cfg.get("vocab_size") or 0)
+        self.vocab_size = vocab or None
         for spec in self.adapters:
             check_vllm_adapter(spec, vocab)
         self.engine_kwargs = build_engine_kwargs(config, Path(model.path), self.adapters, on_gpu=self.on_gpu)

@@ -39,6 +39,7 @@ from serve.http.context import AppContext
 from serve.http.openapi import install_openapi
 from serve.metrics import Metrics
 from serve.served import ServedModels
+from serve.structured.compiler import GrammarCompiler
 
 logger = logging.getLogger(__name__)
 
@@ -57,11 +58,19 @@ def build_app(
     async def start_engine() -> None:
         try:
             await engine.start()
+            ctx.grammars = GrammarCompiler(engine.tokenizer, getattr(engine, "vocab_size", None))
             ctx.served = make_served(engine)
             logger.info("ready: serving %s", ", ".join(m.id for m in ctx.served.all()))
         except Exception as exc:
             logger.exception("engine failed to start")
             ctx.load_error = f"{type(exc).__name__}: {exc}"
+            return
+        try:
+            # The grammar compiler's vocabulary table (about a second), after readiness, on the tokenizer
+            # thread (it reads the tokenizer); a constrained request that comes first waits for it.
+            await ctx.tokenize(ctx.grammars.warm)
+        except Exception as exc:  # constrained requests then get a 400 saying why; the rest is served
+            logger.warning("grammar-constrained output is unavailable: %s", exc)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -159,7 +168,8 @@ def validation_to_400(errors: list[dict]) -> BadRequestError:
     if err.get("type") == "json_invalid":
         return BadRequestError("the request body is not valid JSON")
     loc = [str(p) for p in err.get("loc", ()) if p != "body" and not _is_branch_label(p)]
-    param = ".".join(loc) or None
+    # A validator that knows which field is wrong (an unsupported extra field) says so itself.
+    param = getattr((err.get("ctx") or {}).get("error"), "param", None) or ".".join(loc) or None
     msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
     return BadRequestError(f"{param}: {msg}" if param else msg, param=param)
 

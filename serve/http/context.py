@@ -21,6 +21,7 @@ class AppContext:
     config: ServeConfig
     metrics: Metrics
     load_error: str | None = None
+    grammars: object = None  # serve.structured.compiler.GrammarCompiler for the engine's tokenizer
     # Chat templates and tokenizers run here, not on the event loop: a megabyte of text takes seconds
     # and would stall every stream and probe. One thread, because transformers' fast tokenizers mutate
     # their truncation/padding state on each call and are not safe to call from two threads at once.

@@ -72,7 +72,10 @@ class Generation:
         prompts: list[list[int]],
         params: list[SamplingParams],
         n: int,
+        *,
+        grammar: object | None = None,
     ):
+        """`grammar` is the requests' constraint (`params[i].constraint`) compiled for the engine."""
         self.ctx, self.endpoint, self.model, self.id = ctx, endpoint, model, request_id
         self.prompts, self.n = prompts, n
         self.requests: list[GenerationRequest] = []
@@ -82,7 +85,9 @@ class Generation:
                 if choice.seed is not None:
                     choice.seed = (choice.seed + j) % SEED_MODULUS  # n choices with one seed must differ
                 self.requests.append(
-                    GenerationRequest(f"{request_id}-{len(self.requests)}", ids, choice, model.adapter)
+                    GenerationRequest(
+                        f"{request_id}-{len(self.requests)}", ids, choice, model.adapter, grammar=grammar
+                    )
                 )
         self.label = ctx.metrics.model_label(model)
         self.started = 0.0

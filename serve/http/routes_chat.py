@@ -12,6 +12,7 @@ from serve.http.context import get_ctx
 from serve.http.generation import Generation, check_ready, clamp_max_tokens, completion_tokens
 from serve.http.openapi import error_responses, streamed_200
 from serve.http.sse import sse_response
+from serve.http.structured import history_messages, plan_output
 from serve.protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -39,13 +40,21 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     ctx = get_ctx(request)
     check_ready(ctx)
     model = ctx.served.get(body.model)
-    messages = [
-        {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages
-    ]
-    prompt_ids = await ctx.tokenize(ctx.served.render_chat, model, messages)
+    plan = await plan_output(
+        ctx.grammars,
+        response_format=body.response_format,
+        structured_outputs=body.structured_outputs,
+        tools=body.tools,
+        tool_choice=body.tool_choice,
+        parallel_tool_calls=body.parallel_tool_calls,
+        support=model.tools,
+    )
+    messages = history_messages(body.messages)
+    prompt_ids = await ctx.tokenize(ctx.served.render_chat, model, messages, plan.offered_tools)
     max_tokens = clamp_max_tokens(ctx, len(prompt_ids), body.requested_max_tokens(), "messages")
-    params = body.to_sampling_params(max_tokens, model.eos_token_ids)
-    gen = Generation(ctx, ENDPOINT, model, f"chatcmpl-{uuid.uuid4().hex}", [prompt_ids], [params], body.n)
+    params = body.to_sampling_params(max_tokens, model.eos_token_ids, plan.constraint)
+    rid = f"chatcmpl-{uuid.uuid4().hex}"
+    gen = Generation(ctx, ENDPOINT, model, rid, [prompt_ids], [params], body.n, grammar=plan.grammar)
     await gen.start()
     tok = ctx.served.tokenizer
     eos = set(model.eos_token_ids)
@@ -68,14 +77,17 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         choices = []
         for i, outs in enumerate(results):
             lps = [lp for o in outs if (lp := logprobs_of(o))]
+            content, calls, finish = plan.shaper().whole(
+                "".join(o.text for o in outs), outs[-1].finish_reason
+            )
             choices.append(
                 ChatChoice(
                     index=i,
-                    message=ChatResponseMessage(content="".join(o.text for o in outs)),
+                    message=ChatResponseMessage(content=content, tool_calls=calls),
                     logprobs=ChatLogprobs(content=[c for lp in lps for c in lp.content])
                     if body.logprobs
                     else None,
-                    finish_reason=outs[-1].finish_reason,
+                    finish_reason=finish,
                 )
             )
         usage = gen.usage(completion_tokens(results))
@@ -92,19 +104,22 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         for i in range(body.n):
             yield chunk([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))])
         last: dict[int, GenerationOutput] = {}
+        shapers = [plan.shaper() for _ in range(body.n)]
         async for i, out in gen.stream():
             last[i] = out
-            if out.text or out.finish_reason or logprobs_of(out):
-                yield chunk(
-                    [
-                        ChatChunkChoice(
-                            index=i,
-                            delta=ChatDelta(content=out.text or None),
-                            logprobs=logprobs_of(out),
-                            finish_reason=out.finish_reason,
-                        )
-                    ]
-                )
+            # Text before a tool call streams as content; a call streams as one delta once complete.
+            text, calls = shapers[i].feed(out.text)
+            finish = None
+            if out.finish_reason:
+                rest, more, finish = shapers[i].finish(out.finish_reason)
+                text, calls = text + rest, calls + more
+            lps = logprobs_of(out)
+            if text or lps:
+                yield chunk([ChatChunkChoice(index=i, delta=ChatDelta(content=text or None), logprobs=lps)])
+            if calls:
+                yield chunk([ChatChunkChoice(index=i, delta=ChatDelta(tool_calls=calls))])
+            if finish:
+                yield chunk([ChatChunkChoice(index=i, delta=ChatDelta(), finish_reason=finish)])
         usage = gen.usage(completion_tokens([[last[i]] for i in sorted(last)]))
         if include_usage:
             yield chunk([], usage=usage)

@@ -18,6 +18,7 @@ from serve.http.context import get_ctx
 from serve.http.generation import Generation, check_ready, clamp_max_tokens, completion_tokens
 from serve.http.openapi import error_responses, streamed_200
 from serve.http.sse import sse_response
+from serve.http.structured import plan_output
 from serve.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
 
 router = APIRouter()
@@ -35,6 +36,9 @@ async def completions(body: CompletionRequest, request: Request):
     check_ready(ctx)
     model = ctx.served.get(body.model)
     tok = ctx.served.tokenizer
+    plan = await plan_output(
+        ctx.grammars, response_format=body.response_format, structured_outputs=body.structured_outputs
+    )
     prompts = await ctx.tokenize(_token_ids, tok, body.prompts())
     # max_tokens=0 (score the prompt only) generates one token and drops it.
     score_only = body.max_tokens == 0
@@ -42,10 +46,13 @@ async def completions(body: CompletionRequest, request: Request):
         body.to_sampling_params(
             clamp_max_tokens(ctx, len(ids), 1 if score_only else body.max_tokens, "prompt"),
             model.eos_token_ids,
+            plan.constraint,
         )
         for ids in prompts
     ]
-    gen = Generation(ctx, ENDPOINT, model, f"cmpl-{uuid.uuid4().hex}", prompts, params, body.n)
+    gen = Generation(
+        ctx, ENDPOINT, model, f"cmpl-{uuid.uuid4().hex}", prompts, params, body.n, grammar=plan.grammar
+    )
     await gen.start()
 
     if not body.stream:

@@ -26,6 +26,9 @@ from serve.protocol.common import (
     normalise_stop,
     request_config,
 )
+from serve.structured.protocol import CHAT_RULES, ResponseFormat, StructuredOutputs
+from serve.structured.spec import OutputConstraint
+from serve.tools.protocol import MAX_TOOLS, DeltaToolCall, Tool, ToolCall, ToolChoice
 
 
 class TextPart(BaseModel):
@@ -55,6 +58,8 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[TextPart] | None = None
     name: Text | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant turn that called tools
+    tool_call_id: Text | None = None  # a tool turn: the call it answers
 
     def text(self) -> str:
         """Content as plain text (parts joined)."""
@@ -74,7 +79,7 @@ _TOP_LOGPROBS_NEEDS_LOGPROBS = {
 
 
 class ChatCompletionRequest(APIRequest):
-    model_config = request_config(json_schema_extra=_TOP_LOGPROBS_NEEDS_LOGPROBS)
+    model_config = request_config(json_schema_extra={**_TOP_LOGPROBS_NEEDS_LOGPROBS, "allOf": CHAT_RULES})
 
     messages: list[ChatMessage] = Field(min_length=1)
     model: Text | None = None
@@ -94,6 +99,12 @@ class ChatCompletionRequest(APIRequest):
     user: Text | None = None
     # vLLM's extension: keep generating past EOS (benchmarks that need exact output lengths).
     ignore_eos: bool = False
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    # vLLM's extension: constrained output (json, regex, choice, grammar, json_object, structural_tag).
+    structured_outputs: StructuredOutputs | None = None
 
     @field_validator("stop")
     @classmethod
@@ -109,7 +120,9 @@ class ChatCompletionRequest(APIRequest):
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
-    def to_sampling_params(self, max_tokens: int, stop_token_ids: list[int]) -> SamplingParams:
+    def to_sampling_params(
+        self, max_tokens: int, stop_token_ids: list[int], constraint: OutputConstraint | None = None
+    ) -> SamplingParams:
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=self.temperature,
@@ -121,6 +134,7 @@ class ChatCompletionRequest(APIRequest):
             frequency_penalty=self.frequency_penalty,
             logprobs=(self.top_logprobs or 0) if self.logprobs else None,
             ignore_eos=self.ignore_eos,
+            constraint=constraint,
         )
 
 
@@ -141,6 +155,7 @@ class ChatLogprobs(BaseModel):
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -163,6 +178,7 @@ class ChatCompletionResponse(BaseModel):
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatChunkChoice(BaseModel):

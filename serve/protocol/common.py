@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 #: The largest integer every JSON parser keeps exactly (JavaScript's Number.MAX_SAFE_INTEGER); integers
 #: such as seeds are bounded by it rather than by int64, whose maximum a float-based parser rounds up.
@@ -71,8 +71,52 @@ def request_config(**extra) -> ConfigDict:
     return ConfigDict(extra="allow", strict=True, **extra)
 
 
+# Fields of OpenAI's or vLLM's APIs that would change the output and that this server does not
+# implement: refused with a 400 naming them (unless sent with their no-op value), never ignored.
+UNSUPPORTED_FIELDS: dict[str, tuple[tuple, str]] = {
+    "logit_bias": ((None, {}), "logit_bias is not supported"),
+    "top_k": ((None, 0, -1), "top_k is not supported; use top_p"),
+    "min_p": ((None, 0, 0.0), "min_p is not supported; use top_p"),
+    "repetition_penalty": ((None, 1, 1.0), "repetition_penalty is not supported; use frequency_penalty"),
+    "min_tokens": ((None, 0), "min_tokens is not supported"),
+    "best_of": ((None, 1), "best_of is not supported; use n"),
+    "use_beam_search": ((None, False), "beam search is not supported"),
+    "allowed_token_ids": ((None,), "allowed_token_ids is not supported; use structured_outputs"),
+    "bad_words": ((None, []), "bad_words is not supported"),
+    "prediction": ((None,), "predicted outputs are not supported"),
+    "audio": ((None,), "audio output is not supported"),
+    "modalities": ((None, ["text"]), "only text output is supported"),
+    "functions": ((None,), "functions is the deprecated form of tools; send tools"),
+    "function_call": ((None,), "function_call is the deprecated form of tool_choice; send tool_choice"),
+    "guided_json": ((None,), "guided_json was replaced by structured_outputs.json (vLLM >= 0.11)"),
+    "guided_regex": ((None,), "guided_regex was replaced by structured_outputs.regex"),
+    "guided_choice": ((None,), "guided_choice was replaced by structured_outputs.choice"),
+    "guided_grammar": ((None,), "guided_grammar was replaced by structured_outputs.grammar"),
+    "chat_template": ((None,), "chat_template is not supported: each model is served with its own template"),
+    "continue_final_message": ((None, False), "continue_final_message is not supported"),
+    "add_generation_prompt": ((None, True), "add_generation_prompt=false is not supported"),
+}
+
+
+class UnsupportedField(ValueError):
+    """A request field this server does not implement and cannot ignore (`param` names it)."""
+
+    def __init__(self, name: str, reason: str):
+        super().__init__(reason)
+        self.param = name
+
+
 class APIRequest(BaseModel):
     model_config = request_config()
+
+    @model_validator(mode="after")
+    def _refuse_unsupported(self):
+        for name, value in (self.model_extra or {}).items():
+            if name in UNSUPPORTED_FIELDS:
+                harmless, reason = UNSUPPORTED_FIELDS[name]
+                if value not in harmless:
+                    raise UnsupportedField(name, reason)
+        return self
 
 
 class StreamOptions(BaseModel):

@@ -23,10 +23,13 @@ from serve.protocol.common import (
     Text,
     TokenId,
     TopP,
+    UnsupportedField,
     Usage,
     normalise_stop,
     request_config,
 )
+from serve.structured.protocol import ResponseFormat, StructuredOutputs
+from serve.structured.spec import OutputConstraint
 
 PromptText = Annotated[Text, Field(min_length=1)]
 TokenIds = Annotated[list[TokenId], Field(min_length=1)]
@@ -67,6 +70,9 @@ class CompletionRequest(APIRequest):
     top_p: TopP = 1.0
     user: Text | None = None
     ignore_eos: bool = False  # vLLM's extension, as for chat
+    # vLLM takes both on completions too.
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
 
     @field_validator("stop")
     @classmethod
@@ -79,6 +85,13 @@ class CompletionRequest(APIRequest):
         if v:
             raise ValueError("suffix is not supported")
         return v
+
+    @model_validator(mode="after")
+    def _no_tools(self):
+        for name in ("tools", "tool_choice", "parallel_tool_calls"):
+            if (self.model_extra or {}).get(name) is not None:
+                raise UnsupportedField(name, f"{name} is only supported on /v1/chat/completions")
+        return self
 
     @model_validator(mode="after")
     def _check_score_only(self):
@@ -97,7 +110,9 @@ class CompletionRequest(APIRequest):
             return [list(p)]  # type: ignore[arg-type]
         return list(p)  # type: ignore[arg-type]
 
-    def to_sampling_params(self, max_tokens: int, stop_token_ids: list[int]) -> SamplingParams:
+    def to_sampling_params(
+        self, max_tokens: int, stop_token_ids: list[int], constraint: OutputConstraint | None = None
+    ) -> SamplingParams:
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=self.temperature,
@@ -110,6 +125,7 @@ class CompletionRequest(APIRequest):
             logprobs=self.logprobs,
             prompt_logprobs=self.logprobs if self.echo and self.logprobs is not None else None,
             ignore_eos=self.ignore_eos,
+            constraint=constraint,
         )
 
 

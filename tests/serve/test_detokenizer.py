@@ -14,13 +14,19 @@ def tokenizer(default_model):
 
 @pytest.mark.parametrize(
     "text",
-    ["Hello, world! The capital of France is Paris.", "用四郎的口吻回答问题：朕知道了。", "emoji 🎉 ok"],
+    [
+        "Hello, world! The capital of France is Paris.",
+        "用四郎的口吻回答问题：朕知道了。",
+        "emoji 🎉 ok",
+        # Spaces before punctuation are text too (JSON indentation before a comma).
+        '{"ok": false\n           ,"n": 3 , "m" : 4 .}',
+    ],
 )
 def test_streamed_text_equals_full_decode(tokenizer, text):
     ids = tokenizer.encode(text, add_special_tokens=False)
     detok = IncrementalDetokenizer(tokenizer)
     pieces = [detok.add(i) for i in ids] + [detok.flush()]
-    assert "".join(pieces) == tokenizer.decode(ids)
+    assert "".join(pieces) == tokenizer.decode(ids, clean_up_tokenization_spaces=False) == text
     assert all("\ufffd" not in p for p in pieces)
 
 

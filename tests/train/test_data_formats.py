@@ -334,3 +334,66 @@ def test_subcommand_registry_shape():
     for action in parser._subparsers._group_actions:
         names += list(action.choices)
     assert names[:3] == ["validate", "preview", "register"]
+
+
+TOOLS = json.dumps([{"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {}}}}])
+CALL = json.dumps({"name": "get_weather", "arguments": {"city": "Paris"}})
+
+
+def tool_row(*turns, tools=TOOLS):
+    return {**sharegpt(*turns), "tools": tools}
+
+
+@pytest.mark.parametrize(
+    "row,reason",
+    [
+        (
+            tool_row(("human", "w?"), ("function_call", CALL), tools="[{oops"),
+            "tools (column 'tools') is not valid JSON",
+        ),
+        (
+            tool_row(("human", "w?"), ("gpt", "a"), tools='{"name": "x"}'),
+            "tools (column 'tools') must be a JSON list",
+        ),
+        (tool_row(("human", "w?"), ("gpt", "a"), tools='[{"description": "x"}]'), "tool 1 in tools"),
+        (
+            tool_row(("human", "w?"), ("function_call", "get_weather(Paris)")),
+            "turn 2: function call is not valid JSON",
+        ),
+        (
+            tool_row(("human", "w?"), ("function_call", json.dumps({"name": "nuke", "arguments": {}}))),
+            "turn 2: function call names 'nuke', which is not a declared tool (get_weather)",
+        ),
+        (
+            tool_row(
+                ("human", "w?"), ("function_call", json.dumps({"name": "get_weather", "arguments": "Paris"}))
+            ),
+            "turn 2: arguments of 'get_weather' must be a JSON object",
+        ),
+        (
+            tool_row(("human", "w?"), ("gpt", "hm"), ("observation", "{}"), ("gpt", "ok")),
+            "turn 3: an observation (tool result) must follow a function call",
+        ),
+        (
+            sharegpt(("human", "w?"), ("function_call", CALL), ("observation", "{}"), ("gpt", "ok")),
+            "turn 2: function call names 'get_weather', which is not a declared tool (none",
+        ),
+    ],
+)
+def test_tool_row_errors_name_file_and_row(tmp_path, row, reason):
+    good = tool_row(("human", "w?"), ("function_call", CALL), ("observation", '{"t": 1}'), ("gpt", "21 C"))
+    path = write(tmp_path, "t.json", [good, row])
+    report = validate_file(path, "sharegpt")
+    assert [str(p) for p in report.problems] and str(report.problems[0]).startswith(f"{path}:2: {reason}")
+    assert len(report.samples) == 1
+
+
+def test_tool_rows_become_openai_tool_calls(tmp_path):
+    row = tool_row(("human", "w?"), ("function_call", CALL), ("observation", '{"t": 1}'), ("gpt", "21 C"))
+    sample = validate_file(write(tmp_path, "t.json", [row])).samples[0][1]
+    assert sample.has_tools and sample.tools[0]["name"] == "get_weather"
+    chat = sample.conversation()
+    assert [m["role"] for m in chat] == ["user", "assistant", "tool", "assistant"]
+    call = chat[1]["tool_calls"][0]
+    assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+    assert chat[2]["tool_call_id"] == call["id"]

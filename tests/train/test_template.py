@@ -40,3 +40,33 @@ def test_foreign_template_is_a_mismatch(tokenizer):
         check_template(tokenizer, "llama3", None, PROBES)
     with pytest.raises(TemplateMismatchError, match="does not exist in LLaMA-Factory"):
         check_template(tokenizer, "no-such-template", None, PROBES)
+
+
+@pytest.fixture(scope="module")
+def tool_samples(shared_demo_data):
+    from train.data.validate import validate_file
+
+    report = validate_file(shared_demo_data / "glaive_toolcall_en_demo.json")
+    return [s for _, s in report.samples if s.has_tools][:6]
+
+
+def test_tool_rows_render_the_same_in_training_and_serving(tokenizer, tool_samples):
+    from train.template import check_tool_template
+
+    info = check_tool_template(tokenizer, "smollm2", SMOLLM_SYSTEM, tool_samples)
+    assert info == {"format": "default", "default_system": SMOLLM_SYSTEM}
+    # Qwen's Hermes format (`<tool_call>` blocks, `<tool_response>` observations) as well.
+    assert check_tool_template(tokenizer, "qwen", None, tool_samples)["format"] == "qwen"
+
+
+def test_tool_rendering_drift_is_caught(tokenizer, tool_samples, monkeypatch):
+    from serve.tools import formats
+    from train.template import check_tool_template
+
+    monkeypatch.setattr(
+        formats, "DEFAULT_TOOL_PROMPT", formats.DEFAULT_TOOL_PROMPT.replace("tools", "functions")
+    )
+    with pytest.raises(TemplateMismatchError, match="with tools, template 'smollm2' .* differ at token"):
+        check_tool_template(tokenizer, "smollm2", SMOLLM_SYSTEM, tool_samples)
+    with pytest.raises(TemplateMismatchError, match="cannot be served with tools: .*'glm4'"):
+        check_tool_template(tokenizer, "glm4", None, tool_samples)

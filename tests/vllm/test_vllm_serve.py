@@ -211,3 +211,93 @@ def test_closing_a_stream_aborts_the_request(servers):
     while running_requests(vllm_server) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert running_requests(vllm_server) == 0
+
+
+# -- structured outputs and tool calls: the same requests, the same parsed results ---------------------
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 30}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
+STRUCTURED_REQUESTS = {
+    "json_schema": {
+        "messages": [{"role": "user", "content": "Describe Paris as JSON with name and country."}],
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {
+                "name": "city",
+                "strict": True,
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "name": {"type": "string", "maxLength": 20},
+                        "country": {"type": "string", "maxLength": 20},
+                    },
+                    "required": ["name", "country"],
+                    "additionalProperties": False,
+                },
+            },
+        },
+    },
+    "json_object": {
+        "messages": [{"role": "user", "content": "Give a JSON object with a key answer."}],
+        "response_format": {"type": "json_object"},
+    },
+    "choice": {
+        "messages": [{"role": "user", "content": "Is Paris in France? yes or no"}],
+        "structured_outputs": {"choice": ["yes", "no"]},
+    },
+    "regex": {
+        "messages": [{"role": "user", "content": "When did the Eiffel Tower open?"}],
+        "structured_outputs": {"regex": r"\d{4}"},
+    },
+    "required_tool": {
+        "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
+        "tools": [WEATHER_TOOL],
+        "tool_choice": "required",
+    },
+}
+
+
+def structured_reply(server, name: str) -> dict:
+    body = {"model": ADAPTER, "temperature": 0, "max_tokens": 48, **STRUCTURED_REQUESTS[name]}
+    r = httpx.post(server.base_url + "/v1/chat/completions", json=body, timeout=300)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    message = choice["message"]
+    calls = [
+        (c["function"]["name"], json.loads(c["function"]["arguments"]))
+        for c in message.get("tool_calls") or []
+    ]
+    return {"content": message.get("content"), "calls": calls, "finish_reason": choice["finish_reason"]}
+
+
+@pytest.mark.parametrize("name", sorted(STRUCTURED_REQUESTS))
+def test_structured_outputs_parse_the_same_on_both_engines(servers, name):
+    vllm_server, hf_server = servers
+    with ThreadPoolExecutor(2) as pool:
+        got_vllm, got_hf = pool.map(structured_reply, (vllm_server, hf_server), (name, name))
+    assert got_vllm == got_hf
+    if name == "required_tool":
+        assert got_vllm["finish_reason"] == "tool_calls" and got_vllm["calls"][0][0] == "get_weather"
+    elif got_vllm["finish_reason"] == "stop" and name.startswith("json"):
+        assert isinstance(json.loads(got_vllm["content"]), dict)
+
+
+def test_bad_structured_input_is_the_same_400_on_vllm(servers):
+    vllm_server, _ = servers
+    body = {
+        "model": ADAPTER,
+        "messages": [{"role": "user", "content": "hi"}],
+        "structured_outputs": {"regex": "[a-"},
+    }
+    r = httpx.post(vllm_server.base_url + "/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "structured_outputs.regex"

@@ -167,3 +167,33 @@ def test_engine_kwargs_on_gpu_pass_memory_settings_and_clamp_the_context(tmp_pat
     kw = build_engine_kwargs(cfg, model, [], on_gpu=True)
     assert kw["dtype"] == "auto" and kw["gpu_memory_utilization"] == 0.5
     assert kw["max_model_len"] == 1024 and kw["kv_cache_memory_bytes"] == 2 * 2**30
+
+
+# -- structured outputs ----------------------------------------------------------------------------
+
+
+def test_constraints_map_onto_vllm_structured_outputs():
+    from serve.engine.vllm import structured_outputs_kwargs
+    from serve.structured.spec import OutputConstraint
+    from serve.tools.formats import FORMATS
+
+    schema = {"type": "object", "properties": {"b": {}, "a": {}}}
+    assert structured_outputs_kwargs(None) is None
+    kw = structured_outputs_kwargs(OutputConstraint.json_schema(schema, "p"))
+    assert json.loads(kw["json"]) == schema and list(json.loads(kw["json"])["properties"]) == ["b", "a"]
+    assert structured_outputs_kwargs(OutputConstraint.json_object("p")) == {
+        "disable_any_whitespace": False,
+        "json_object": True,
+    }
+    assert structured_outputs_kwargs(OutputConstraint.choice(["x", "y"], "p"))["choice"] == ["x", "y"]
+    assert structured_outputs_kwargs(OutputConstraint.regex("a+", "p").compacted()) == {
+        "disable_any_whitespace": True,
+        "regex": "a+",
+    }
+    assert (
+        structured_outputs_kwargs(OutputConstraint.grammar('root ::= "a"', "p"))["grammar"] == 'root ::= "a"'
+    )
+    tag = FORMATS["hermes"].forced_tag([{"type": "function", "function": {"name": "f"}}], parallel=True)
+    kw = structured_outputs_kwargs(OutputConstraint.structural_tag(tag, "tool_choice"))
+    # vLLM >= 0.11 passes a JSON string with "format" straight to xgrammar's compile_structural_tag.
+    assert json.loads(kw["structural_tag"])["format"]["type"] == "tags_with_separator"

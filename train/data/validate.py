@@ -92,9 +92,20 @@ def validate_file(
 
 
 def sample_text(sample: Sample, tokenizer: Any) -> str:
-    """The exact text a sample becomes under the tokenizer's chat template (plain text for pretrain)."""
+    """The text a sample becomes under the tokenizer's chat template (plain text for pretrain).
+
+    Tool rows go through the template's own tool rendering when it has one, else LLaMA-Factory's
+    default tool format (what LLaMA-Factory trains such templates with)."""
     if sample.text is not None:
         return sample.text
+    if sample.has_tools:
+        from serve.tools.render import llamafactory_support, render_messages, tool_support
+
+        support = tool_support(tokenizer.chat_template)
+        if not support.native:
+            support = llamafactory_support("default", None)
+        messages, tools = render_messages(sample.conversation(), sample.tools, support)
+        return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)
     return tokenizer.apply_chat_template(sample.conversation(), tokenize=False)
 
 

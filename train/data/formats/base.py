@@ -7,6 +7,7 @@ reason a user can act on, which the validator prints as `FILE:ROW: reason`.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,13 +26,51 @@ class Sample:
     rejected: str | None = None  # dpo only
     label: bool | None = None  # kto only
     text: str | None = None  # pretrain only
+    tools: list[dict[str, Any]] | None = None  # tool rows: function definitions
+    response_role: str = "assistant"  # "function" when the response is a tool call
 
-    def conversation(self) -> list[dict[str, str]]:
-        """The full chat (system, turns, response) as `tokenizer.apply_chat_template` takes it."""
-        chat = [{"role": "system", "content": self.system}] if self.system else []
-        chat += self.messages
+    @property
+    def has_tools(self) -> bool:
+        roles = {m["role"] for m in self.messages} | {self.response_role}
+        return bool(self.tools) or bool(roles & {"function", "tool"})
+
+    def conversation(self) -> list[dict[str, Any]]:
+        """The full chat (system, turns, response) as `tokenizer.apply_chat_template` takes it.
+
+        Tool rows come out in OpenAI's shape: function-call turns as assistant messages with
+        `tool_calls` (arguments as JSON text), observations as `tool` messages answering them."""
+        chat: list[dict[str, Any]] = [{"role": "system", "content": self.system}] if self.system else []
+        turns = list(self.messages)
         if self.response is not None:
-            chat.append({"role": "assistant", "content": self.response})
+            turns.append({"role": self.response_role, "content": self.response})
+        last_ids: list[str] = []
+        for turn in turns:
+            if turn["role"] == "function":
+                calls = json.loads(turn["content"])
+                calls = calls if isinstance(calls, list) else [calls]
+                last_ids = [f"call_{len(chat)}_{j}" for j in range(len(calls))]
+                tool_calls = [
+                    {
+                        "id": call_id,
+                        "type": "function",
+                        "function": {
+                            "name": c["name"],
+                            "arguments": json.dumps(c["arguments"], ensure_ascii=False),
+                        },
+                    }
+                    for call_id, c in zip(last_ids, calls, strict=True)
+                ]
+                chat.append({"role": "assistant", "content": None, "tool_calls": tool_calls})
+            elif turn["role"] == "tool":
+                chat.append(
+                    {
+                        "role": "tool",
+                        "tool_call_id": last_ids[0] if last_ids else "",
+                        "content": turn["content"],
+                    }
+                )
+            else:
+                chat.append(dict(turn))
         return chat
 
 

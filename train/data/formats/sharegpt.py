@@ -3,10 +3,15 @@
 Both are LLaMA-Factory's `sharegpt` formatting; the `tags` of the dataset_info entry name the roles.
 An optional system message comes first, then user (or tool observation) and assistant (or function
 call) turns alternate. SFT rows end with the assistant; preference prompts end with the user.
+
+Tool rows (LLaMA-Factory's glaive format) carry a `tools` column, a JSON list of function definitions;
+every function-call turn must be JSON `{"name", "arguments"}` (or a list of them, parallel calls)
+naming a declared tool with an object as arguments, and every observation must answer a call.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from train.data.entry import OPENAI_TAGS, DatasetEntry
@@ -103,6 +108,71 @@ def parse_messages(
     return system, turns
 
 
+def parse_tools(row: dict[str, Any], entry: DatasetEntry) -> list[dict[str, Any]] | None:
+    """The row's tool definitions (None when it has none); a RowError says what is wrong with them."""
+    column = entry.column("tools")
+    value = cell(row, column, "tools", required=False)
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise RowError(f"tools (column {column!r}) is not valid JSON: {exc}") from None
+    if not isinstance(value, list):
+        raise RowError(f"tools (column {column!r}) must be a JSON list of function definitions")
+    tools = []
+    for i, tool in enumerate(value, start=1):
+        fn = tool.get("function", tool) if isinstance(tool, dict) and tool.get("type") == "function" else tool
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise RowError(f"tool {i} in tools (column {column!r}) must be an object with a name")
+        params = fn.get("parameters")
+        if params is not None and not isinstance(params, dict):
+            raise RowError(f"tool {fn['name']!r}: parameters must be a JSON-schema object")
+        tools.append(fn)
+    return tools
+
+
+def parse_call(content: str, declared: set[str], where: str) -> list[dict[str, Any]]:
+    """The calls of one function-call turn; a RowError names what is wrong."""
+    try:
+        value = json.loads(content)
+    except json.JSONDecodeError as exc:
+        raise RowError(f"{where}: function call is not valid JSON ({exc})") from None
+    calls = value if isinstance(value, list) else [value]
+    if not calls:
+        raise RowError(f"{where}: function call lists no call")
+    for call in calls:
+        if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+            raise RowError(f'{where}: function call must be {{"name": ..., "arguments": {{...}}}}')
+        if call["name"] not in declared:
+            known = ", ".join(sorted(declared)) or "none (the row has no tools)"
+            raise RowError(
+                f"{where}: function call names {call['name']!r}, which is not a declared tool ({known})"
+            )
+        if not isinstance(call.get("arguments"), dict):
+            raise RowError(f"{where}: arguments of {call['name']!r} must be a JSON object")
+    return calls
+
+
+def check_tool_turns(turns: list[dict[str, str]], tools: list[dict[str, Any]] | None) -> None:
+    declared = {t["name"] for t in tools or []}
+    for i, turn in enumerate(turns):
+        where = f"turn {i + 1}"
+        if turn["role"] == "function":
+            parse_call(turn["content"], declared, where)
+        elif turn["role"] == "tool" and (i == 0 or turns[i - 1]["role"] != "function"):
+            raise RowError(f"{where}: an observation (tool result) must follow a function call")
+
+
 def parse(row: dict[str, Any], entry: DatasetEntry) -> Sample:
     system, turns = parse_messages(row, entry, end_with="assistant")
-    return Sample(system=system, messages=turns[:-1], response=turns[-1]["content"])
+    tools = parse_tools(row, entry)
+    check_tool_turns(turns, tools)
+    return Sample(
+        system=system,
+        messages=turns[:-1],
+        response=turns[-1]["content"],
+        tools=tools,
+        response_role=turns[-1]["role"],
+    )
