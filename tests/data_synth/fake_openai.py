@@ -66,6 +66,7 @@ class FakeOpenAI:
         self.role = role
         self.log: list[dict] = []  # one per chat reply: {"chunk", "kind", "status"}
         self.json_mode_requests = 0
+        self.response_formats: list[dict | None] = []  # what each chat request asked for
         self._lock = threading.Lock()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._httpd.daemon_threads = True
@@ -93,6 +94,7 @@ class FakeOpenAI:
                 status = self.failures.pop(0) if self.failures else self.fail_on[self.chat_requests]
                 self.log.append({"chunk": None, "kind": "error", "status": status})
                 return status, {"error": {"message": f"scripted failure {status}", "type": "server_error"}}
+            self.response_formats.append(body.get("response_format"))
             if "response_format" in body:
                 self.json_mode_requests += 1
                 if self.reject_json_mode:

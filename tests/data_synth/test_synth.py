@@ -75,7 +75,11 @@ def test_reply_retries_reask_and_json_mode_fallback(tmp_path, capsys):
     with FakeOpenAI(bad_every=2, reject_json_mode=True) as server:
         assert main(synth_args(server, out, "--reply-retries", "1", "--concurrency", "1")) == 0
         bad_chunks = [r["chunk"] for r in server.replies("bad")]
-        assert server.json_mode_requests == 1  # refused once, then never asked for again
+        # The schema is refused, then JSON mode; neither is asked for again.
+        kinds = [(f or {}).get("type") for f in server.response_formats]
+        assert kinds[:3] == ["json_schema", "json_object", None] and set(kinds[3:]) == {None}
+        schema = server.response_formats[0]["json_schema"]
+        assert schema["strict"] and schema["schema"]["required"] == ["entries"]
     # A chunk answered without JSON is asked again (same answer from this fake), so twice per bad chunk.
     assert bad_chunks and all(bad_chunks.count(c) == 2 for c in bad_chunks)
     rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
@@ -185,3 +189,17 @@ def test_nothing_kept_writes_nothing_and_fails_clearly(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no entry survived validation" in err and str(out) in err
     assert not out.exists() and not (tmp_path / "qa.json.partial.jsonl").exists()
+
+
+def test_reply_schemas_are_fully_enforceable():
+    # Sent with strict: true, so llm-serve refuses a schema it could not enforce; these must pass.
+    from serve.structured.schema_check import unenforced_keywords
+    from train.data.synth import entries_schema
+    from train.data.synth_checks import reply_schema, string_field
+
+    schema = entries_schema(["Why", "Explain"])["schema"]
+    assert unenforced_keywords(schema) == []
+    items = schema["properties"]["entries"]["prefixItems"]
+    assert [i["properties"]["type"] for i in items] == [{"const": "Why"}, {"const": "Explain"}]
+    pairs = reply_schema("role_lines", "pairs", {"type": "object", "properties": {"input": string_field(9)}})
+    assert unenforced_keywords(pairs["schema"]) == []

@@ -36,7 +36,13 @@ from train.data.chunk_journal import (
 )
 from train.data.chunking import Chunk, chunk_text
 from train.data.openai_client import ChatClient
-from train.data.synth_checks import ask_for_entries, check_written, new_chunk_stats
+from train.data.synth_checks import (
+    ask_for_entries,
+    check_written,
+    new_chunk_stats,
+    reply_schema,
+    string_field,
+)
 
 PROMPT_VERSION = 1
 PERSONA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "system": "system"}
@@ -216,6 +222,12 @@ def llm_chunk(
     ]
     stats = new_chunk_stats(chunk)
     rows: list[dict] = []
+    pair = {
+        "type": "object",
+        "properties": {"input": string_field(600), "output": string_field(600)},
+        "required": ["input", "output"],
+        "additionalProperties": False,
+    }
     for attempt in range(cfg["reply_retries"] + 1):
         raw = ask_for_entries(
             client,
@@ -224,6 +236,7 @@ def llm_chunk(
             max_tokens=cfg["max_tokens"],
             temperature=0.0,
             seed=chunk.index * 1000 + attempt,
+            schema=reply_schema("role_lines", "pairs", pair),
         )
         if raw is None:
             continue
@@ -263,6 +276,7 @@ def extract_llm(args, text: str) -> tuple[list[dict], Counter, object]:
             "model": client.model,
             "system": args.system,
             "instruction": args.instruction,
+            "response_format": client_cfg.response_format,
         }
         journal = ChunkJournal(args.out, fingerprint)
         outcome = process_chunks(

@@ -5,8 +5,10 @@
     data = parse_json_reply(reply.text)      # tolerant: code fences, prose around the JSON, trailing commas
 
 Retries 429, 5xx and connection errors with exponential back-off (honouring `Retry-After`), asks for
-JSON mode (`response_format: json_object`) and drops it for the rest of the run when the server
-rejects it, and counts requests, retries and tokens (from the server's `usage`) across threads.
+the reply's JSON schema (`response_format: json_schema`, strict) when the caller gives one, else JSON
+mode (`json_object`), and steps down (schema, then JSON mode, then plain text) for the rest of the run
+when the server rejects one; counts requests, retries and tokens (from the server's `usage`) across
+threads.
 Used by `llm-data synth` and `llm-data extract-role --llm`; safe to share between worker threads.
 """
 
@@ -18,6 +20,7 @@ import re
 import threading
 import time
 from dataclasses import dataclass, field, fields
+from typing import Literal
 
 from pydantic import BaseModel, Field
 
@@ -42,6 +45,11 @@ class ClientConfig(BaseModel):
     max_retries: int = Field(5, ge=0, description="Retries on 429/5xx/connection errors")
     backoff_s: float = Field(1.0, ge=0, description="First back-off delay; doubles each retry")
     backoff_max_s: float = Field(30.0, ge=0, description="Largest single back-off delay")
+    response_format: Literal["json_schema", "json_object", "text"] = Field(
+        "json_schema",
+        description="How to ask for JSON: the reply's schema (constrained decoding on llm-serve and vLLM), "
+        "JSON mode, or plain text; a server that refuses one gets the next",
+    )
 
 
 @dataclass
@@ -89,7 +97,8 @@ class ChatClient:
             transport=transport,
         )
         self.usage = Usage()
-        self.json_mode_supported: bool | None = None  # None until the first JSON-mode request answers
+        # What the server refused, learnt from the first 400 (a refused mode is not asked for again).
+        self.refused: set[str] = set()
         self._model = config.model
         self._lock = threading.Lock()
 
@@ -118,8 +127,10 @@ class ChatClient:
         max_tokens: int,
         temperature: float = 0.7,
         json_mode: bool = True,
+        json_schema: dict | None = None,
         seed: int | None = None,
     ) -> ChatReply:
+        """One chat request. `json_schema` (`{"name", "schema"}`) asks for a reply of that schema."""
         body: dict = {
             "model": self.model,
             "messages": messages,
@@ -128,20 +139,24 @@ class ChatClient:
         }
         if seed is not None:
             body["seed"] = seed
-        use_json = json_mode and self.json_mode_supported is not False
-        if use_json:
-            body["response_format"] = {"type": "json_object"}
-        try:
-            data = self._request("POST", "/chat/completions", body)
-        except _BadRequest as e:
-            if not use_json or ("response_format" not in e.message and "json" not in e.message.lower()):
-                raise EndpointError(f"the endpoint refused the request: {e.message}") from None
-            self.json_mode_supported = False
-            body.pop("response_format")
-            data = self._request("POST", "/chat/completions", body)
-        else:
-            if use_json:
-                self.json_mode_supported = True
+        for mode in self._modes(json_mode, json_schema):
+            if mode == "json_schema":
+                body["response_format"] = {
+                    "type": "json_schema",
+                    "json_schema": {**json_schema, "strict": True},
+                }
+            elif mode == "json_object":
+                body["response_format"] = {"type": "json_object"}
+            else:
+                body.pop("response_format", None)
+            try:
+                data = self._request("POST", "/chat/completions", body)
+                break
+            except _BadRequest as e:
+                if mode == "text" or ("response_format" not in e.message and "json" not in e.message.lower()):
+                    raise EndpointError(f"the endpoint refused the request: {e.message}") from None
+                with self._lock:
+                    self.refused.add(mode)
         try:
             choice = data["choices"][0]
             text = choice["message"]["content"] or ""
@@ -153,6 +168,16 @@ class ChatClient:
             prompt_tokens=prompt, completion_tokens=completion, replies_without_usage=0 if usage else 1
         )
         return ChatReply(text, prompt, completion, choice.get("finish_reason"))
+
+    def _modes(self, json_mode: bool, json_schema: dict | None) -> list[str]:
+        """Response formats to try, best first, skipping what the server refused before."""
+        order = ["json_schema", "json_object", "text"]
+        modes = order[order.index(self.config.response_format) :]
+        if json_schema is None:
+            modes = [m for m in modes if m != "json_schema"]
+        if not json_mode:
+            modes = ["text"]
+        return [m for m in modes if m not in self.refused] or ["text"]
 
     def _request(self, method: str, path: str, body: dict | None = None) -> dict:
         import httpx

@@ -35,7 +35,14 @@ from train.data.chunk_journal import (
 )
 from train.data.chunking import Chunk, TokenCounter, chunk_text, load_token_counter, server_token_counter
 from train.data.openai_client import ChatClient, ClientConfig
-from train.data.synth_checks import ask_for_entries, check_written, new_chunk_stats, validate_entries
+from train.data.synth_checks import (
+    ask_for_entries,
+    check_written,
+    new_chunk_stats,
+    reply_schema,
+    string_field,
+    validate_entries,
+)
 
 PROMPT_VERSION = 1
 QUESTION_TYPES = {
@@ -115,6 +122,18 @@ def build_messages(chunk: Chunk, types: list[str], language: str) -> list[dict]:
     return [{"role": "system", "content": system}, {"role": "user", "content": text}]
 
 
+def entries_schema(types: list[str]) -> dict:
+    """The reply's JSON schema: `{"entries": [...]}` with exactly one entry per type, in order."""
+    entry = {
+        "type": "object",
+        "properties": {"type": None, "instruction": string_field(400), "output": string_field(1500)},
+        "required": ["type", "instruction", "output"],
+        "additionalProperties": False,
+    }
+    items = [{**entry, "properties": {**entry["properties"], "type": {"const": t}}} for t in types]
+    return reply_schema("qa_entries", "entries", items)
+
+
 def synth_chunk(chunk: Chunk, cfg: SynthConfig, client: ChatClient) -> ChunkResult:
     """Ask for one chunk's entries, re-asking when a reply holds no JSON; EndpointError propagates."""
     types = types_for_chunk(chunk, cfg.types(), cfg.per_chunk)
@@ -129,6 +148,7 @@ def synth_chunk(chunk: Chunk, cfg: SynthConfig, client: ChatClient) -> ChunkResu
             max_tokens=cfg.max_tokens,
             temperature=cfg.temperature,
             seed=chunk.index * 1000 + attempt,
+            schema=entries_schema(types),
         )
         if raw is None:
             continue
@@ -197,6 +217,7 @@ def fingerprint(cfg: SynthConfig, text: str, tokenizer_name: str, model: str) ->
         "question_types": cfg.types(),
         "model": model,
         "min_shared_terms": cfg.min_shared_terms,
+        "response_format": cfg.client.response_format,
     }
 
 
@@ -299,6 +320,13 @@ def add_endpoint_arguments(p: argparse.ArgumentParser, url_flags: tuple[str, ...
     )
     g.add_argument("--concurrency", type=int, default=2, help="chunks in flight at once (default 2)")
     g.add_argument(
+        "--response-format",
+        choices=["json_schema", "json_object", "text"],
+        default="json_schema",
+        help="how to ask for JSON: the reply's schema (constrained on llm-serve and vLLM; default), JSON "
+        "mode, or plain text; a server that refuses one is asked with the next",
+    )
+    g.add_argument(
         "--tokenizer",
         default=None,
         help="tokenizer for chunking: model name/path or 'server' (default: the local --model, "
@@ -314,6 +342,7 @@ def client_config(args) -> ClientConfig:
         max_retries=args.max_retries,
         backoff_s=args.retry_backoff,
         timeout_s=args.timeout,
+        response_format=args.response_format,
     )
 
 

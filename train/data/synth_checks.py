@@ -87,6 +87,31 @@ def _pick(entry: dict, keys: tuple[str, ...]) -> str:
     return ""
 
 
+def string_field(max_length: int) -> dict:
+    # Bounded strings: a small model under a grammar otherwise writes one string until max_tokens.
+    return {"type": "string", "minLength": 2, "maxLength": max_length}
+
+
+def reply_schema(name: str, key: str, items: list[dict] | dict, count: int | None = None) -> dict:
+    """`{"name", "schema"}` for a reply `{key: [...]}`: the i-th of `items` (a list) or every item (a dict)."""
+    array: dict = {"type": "array"}
+    if isinstance(items, list):
+        array.update(prefixItems=items, items=False, minItems=len(items), maxItems=len(items))
+    else:
+        array["items"] = items
+        if count is not None:
+            array.update(maxItems=count)
+    return {
+        "name": name,
+        "schema": {
+            "type": "object",
+            "properties": {key: array},
+            "required": [key],
+            "additionalProperties": False,
+        },
+    }
+
+
 def entries_of(value) -> list:
     """The list of entries in a parsed reply: a list, {"entries": [...]}, any one list value, or one entry."""
     if isinstance(value, list):
@@ -185,11 +210,20 @@ def new_chunk_stats(chunk: Chunk) -> dict:
 
 
 def ask_for_entries(
-    client, messages: list[dict], stats: dict, *, max_tokens: int, temperature: float, seed: int
+    client,
+    messages: list[dict],
+    stats: dict,
+    *,
+    max_tokens: int,
+    temperature: float,
+    seed: int,
+    schema: dict | None = None,
 ):
     """One request: count its tokens into `stats`, return the reply's entries, or None (and count it)
-    when the reply holds no JSON."""
-    reply = client.chat(messages, max_tokens=max_tokens, temperature=temperature, seed=seed)
+    when the reply holds no JSON. `schema` (`{"name", "schema"}`) is the reply's JSON schema."""
+    reply = client.chat(
+        messages, max_tokens=max_tokens, temperature=temperature, seed=seed, json_schema=schema
+    )
     stats["requests"] += 1
     stats["prompt_tokens"] += reply.prompt_tokens
     stats["completion_tokens"] += reply.completion_tokens
