@@ -57,6 +57,9 @@ class LoadConfig(BaseModel):
         gt=0,
         description="Stop starting new requests this many seconds after the first (bounds slow peers).",
     )
+    extra_body: dict = Field(
+        default_factory=dict, description="Fields added to every request (e.g. a response_format)."
+    )
 
 
 def _payload(cfg: LoadConfig, req: BenchRequest, index: int) -> dict:
@@ -70,6 +73,7 @@ def _payload(cfg: LoadConfig, req: BenchRequest, index: int) -> dict:
     }
     if cfg.ignore_eos:
         body["ignore_eos"] = True
+    body.update(cfg.extra_body)
     if cfg.api == "chat":
         body["messages"] = list(req.messages or [{"role": "user", "content": req.prompt}])
     else:

@@ -57,6 +57,16 @@ def adapter_ratios(targets: dict) -> dict:
     return out
 
 
+def json_ratios(targets: dict) -> dict:
+    """{target: json_schema tok/s / unconstrained tok/s at 16 streams} (median over interleaved rounds)."""
+    out = {}
+    for target in targets:
+        ratio = _get(targets, target, "c16_json", "json_vs_unconstrained")
+        if ratio:
+            out[target] = ratio
+    return out
+
+
 def checks(targets: dict) -> list[dict]:
     """The issues' goals against our figures; `pass` is None when the figure was not measured."""
     all_ratios = ratios(targets)
@@ -68,6 +78,7 @@ def checks(targets: dict) -> list[dict]:
         (Goal("16 streams total output tok/s", ">=", 120.0), _get(targets, OURS, "c16", "output_throughput")),
         (Goal("16 streams: ours / llamafactory", ">=", 10.0), vs_lf),
         (Goal("4 adapters / base-only at 16 streams", ">=", 0.85), adapter_ratios(targets).get(OURS)),
+        (Goal("json_schema / unconstrained at 16 streams", ">=", 0.9), json_ratios(targets).get(OURS)),
         (
             Goal("TTFT p50 at 16 streams x 128-token prompts (s)", "<", 2.0),
             _get(targets, OURS, "c16", "ttft_s", "p50"),
@@ -146,6 +157,20 @@ def render(report: dict) -> str:
     adapter_rows = [[t, _fmt(r)] for t, r in report.get("adapter_ratios", {}).items()]
     if adapter_rows:
         parts.append(_table(["target", "4 adapters / base (16 streams)"], adapter_rows))
+    json_rows = [
+        [t, _fmt(r), str(_get(targets, t, "c16_json", "follows_schema"))]
+        for t, r in json_ratios(targets).items()
+    ]
+    if json_rows:
+        parts.append(
+            _table(["target", "json_schema / unconstrained (16 streams)", "follow the schema"], json_rows)
+        )
+    compile_s = report.get("grammar_compile")
+    if compile_s:
+        parts.append(
+            f"grammar compile for the c16_json schema: cold {compile_s['cold_s'] * 1000:.1f} ms, cached "
+            f"{compile_s['cached_s'] * 1e6:.0f} us (vocabulary table once per tokenizer: {compile_s['vocabulary_table_s']:.2f} s)"
+        )
     mem = _get(targets, OURS, "memory", "memory")
     if mem:
         parts.append(

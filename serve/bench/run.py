@@ -11,8 +11,10 @@ GGUF (`llama-cpp` = `llama-cpp-f32,llama-cpp-q8_0`) when `make llama-cpp` has bu
 server, waits until it is ready, warms it up, runs the scenarios and stops it. Scenarios (issue 3):
 `single` (1 stream), `c8` and `c16` (8 and 16 concurrent streams, 128-token prompts, 128 output
 tokens), `c16_adapters` (the same 16 streams spread over 4 LoRA adapters), `memory` (ours only:
-`--memory-requests` requests, default 1,000, with RSS checkpoints) and `multiturn` (issue 19: 8
-conversations x 6 turns whose history grows to ~1,500 tokens, TTFT per turn; `serve.bench.multiturn`);
+`--memory-requests` requests, default 1,000, with RSS checkpoints), `multiturn` (issue 19: 8
+conversations x 6 turns whose history grows to ~1,500 tokens, TTFT per turn; `serve.bench.multiturn`)
+and `c16_json` (issue 13: 16 streams with and without one `json_schema` response format, rounds
+interleaved; `serve.bench.structured`);
 `SCENARIOS` is the registry.
 Peers get bounded runs: llamafactory serves one request at a time, so it gets at most
 `--llamafactory-max-requests` per scenario, and no peer starts new requests after
@@ -63,7 +65,7 @@ class BenchConfig(BaseModel):
         description="Servers to measure, in order (`llama-cpp` stands for its f32 and q8_0 targets).",
     )
     scenarios: list[str] = Field(
-        default_factory=lambda: ["single", "c8", "c16", "c16_adapters", "memory", "multiturn"],
+        default_factory=lambda: ["single", "c8", "c16", "c16_adapters", "memory", "multiturn", "c16_json"],
         description="Scenarios to run (names from `SCENARIOS`).",
     )
     max_num_seqs: int = Field(16, ge=1, description="--max-num-seqs for ours and vLLM.")
@@ -151,6 +153,11 @@ SCENARIOS: dict[str, Callable[[BenchConfig], Scenario]] = {
         "base",
         skip=("llamafactory",),
     ),  # fmt: skip
+    # The same 16 streams, unconstrained and with one json_schema, interleaved (issue 13);
+    # llamafactory's API takes no response_format.
+    "c16_json": lambda cfg: Scenario(
+        "c16_json", 16, 16, cfg.prompt_len, cfg.output_len, "base", skip=("llamafactory",)
+    ),
 }
 
 
@@ -221,6 +228,8 @@ def run_scenario(proc, spec, sc: Scenario, cfg: BenchConfig, tok, base: str) -> 
     peer = spec.name not in ("ours", "ours-vllm")
     if sc.name == "multiturn":
         return run_multiturn(proc, spec, sc, cfg, tok, base)
+    if sc.name == "c16_json":
+        return run_json_scenario(spec, sc, cfg, tok, base)
     n = sc.num_requests
     if spec.name == "llamafactory":
         n = min(n, cfg.llamafactory_max_requests)
@@ -263,6 +272,31 @@ def run_scenario(proc, spec, sc: Scenario, cfg: BenchConfig, tok, base: str) -> 
     )
     if sc.name == "memory" and len(checkpoints) >= 5:
         summary["memory"] = memory_trend(checkpoints)
+    return summary
+
+
+def run_json_scenario(spec, sc: Scenario, cfg: BenchConfig, tok, base: str) -> dict:
+    """`c16_json`: unconstrained and json_schema loads interleaved over rounds (serve.bench.structured)."""
+    from serve.bench import structured
+    from serve.bench.prompts import build_prompts
+
+    prompts = build_prompts(tok, sc.num_requests, sc.prompt_len, cfg.seed + sc.prompt_len)
+    load = LoadConfig(
+        base_url=spec.base_url, concurrency=sc.concurrency, temperature=cfg.temperature, seed=cfg.seed
+    )
+    rounds = 2 if cfg.quick else max(3, cfg.rounds)
+    pair = structured.run_pair(load, prompts, sc.prompt_len, sc.output_len, base, rounds, tok)
+    texts = pair.pop("texts")
+    summary = dict(pair.pop("json_schema"))
+    summary.update(
+        concurrency=sc.concurrency,
+        prompt_len=sc.prompt_len,
+        output_len=sc.output_len,
+        models=[base],
+        json_vs_unconstrained=pair["ratio"],
+        follows_schema=f"{structured.follows_schema(texts, tok)}/{len(texts)}",
+        pair=pair,
+    )
     return summary
 
 
@@ -367,12 +401,17 @@ def bench(cfg: BenchConfig) -> tuple[dict, Path]:
         "adapters": {k: str(v) for k, v in adapters.items()},
         "targets": {},
     }
+    if "c16_json" in cfg.scenarios:
+        from serve.bench.structured import compile_times
+
+        data["grammar_compile"] = compile_times(tok)
     started = time.monotonic()
     print(f"[bench] writing {out_path} (server logs in {logs})", flush=True)
 
     def save() -> None:  # after every scenario, so an interrupted run keeps what it measured
         data["ratios"] = report.ratios(data["targets"])
         data["adapter_ratios"] = report.adapter_ratios(data["targets"])
+        data["json_ratios"] = report.json_ratios(data["targets"])
         data["checks"] = report.checks(data["targets"])
         data["wall_s"] = time.monotonic() - started
         write_json_atomic(out_path, data, default=str)

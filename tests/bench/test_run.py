@@ -48,9 +48,17 @@ def test_bench_writes_json_ratios_and_table(tmp_path, monkeypatch, capsys):
     assert data["targets"]["vllm-cpu"]["status"] == "skipped"
     assert gguf_types == ["f32", "q8_0"]  # `llama-cpp` stands for both targets
     for name in ("llama-cpp-f32", "llama-cpp-q8_0"):  # base model only: no adapter or memory scenarios
-        assert set(data["targets"][name]["scenarios"]) == {"single", "c8", "c16", "multiturn"}
+        assert set(data["targets"][name]["scenarios"]) == {"single", "c8", "c16", "multiturn", "c16_json"}
     assert data["ratios"]["llama-cpp-f32"]["single"] > 1  # the fake "ours" streams 10x faster
-    assert set(ours["scenarios"]) == {"single", "c8", "c16", "c16_adapters", "memory", "multiturn"}
+    assert set(ours["scenarios"]) == {
+        "single",
+        "c8",
+        "c16",
+        "c16_adapters",
+        "memory",
+        "multiturn",
+        "c16_json",
+    }
     assert set(lf["scenarios"]) == {"single", "c8", "c16"}  # one adapter, base scenarios only
     assert ours["scenarios"]["c16"]["completed"] == 16 and ours["scenarios"]["c16"]["concurrency"] == 16
     assert lf["scenarios"]["c16"]["requests_sent"] == 3  # capped: it serves one request at a time
@@ -63,6 +71,11 @@ def test_bench_writes_json_ratios_and_table(tmp_path, monkeypatch, capsys):
     # Each turn carries the history: the previous 64-token reply ("tok " x 64) and a new message.
     assert turns[0]["prompt_tokens_p50"] == 7 and turns[2]["prompt_tokens_p50"] > 2 * 64
     assert ours["scenarios"]["multiturn"]["ttft_last_over_first"] > 0
+    # c16_json: interleaved rounds; the fake ignores response_format, which the schema check shows.
+    json_sc = ours["scenarios"]["c16_json"]
+    assert json_sc["pair"]["rounds"] == 2 and len(json_sc["pair"]["ratios"]) == 2
+    assert json_sc["json_vs_unconstrained"] > 0 and json_sc["follows_schema"] == "0/32"
+    assert data["grammar_compile"]["cold_s"] > data["grammar_compile"]["cached_s"] > 0
     assert data["ratios"]["llamafactory"]["c16"] > 1  # the fake "ours" streams 4x faster
     assert {c["target"] for c in data["checks"]} >= {
         "one stream output tok/s",
@@ -71,6 +84,7 @@ def test_bench_writes_json_ratios_and_table(tmp_path, monkeypatch, capsys):
     }
     printed = capsys.readouterr().out
     assert "ours / peer" in printed and f"wrote {written}" in printed
+    assert "json_schema / unconstrained" in printed and "grammar compile" in printed
 
 
 def test_bad_settings_fail_before_anything_starts(tmp_path, capsys):
