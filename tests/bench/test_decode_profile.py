@@ -21,7 +21,7 @@ def test_profile_splits_a_step_by_op(tiny_model_dir, tmp_path, capsys):
         split = r["split_ms"]
         assert split["matmul"] > 0 and split["attention"] > 0
         assert sum(split.values()) == pytest.approx(r["split_total_ms"])
-        assert r["split_total_ms"] >= 0.99 * r["step_ms_p50"]  # the unprofiled step is all accounted for
+        assert r["split_total_ms"] >= 0.99 * r["step_ms_min"]  # the fastest step is all accounted for
         assert r["tok_s"] == pytest.approx(r["batch"] / r["step_ms_p50"] * 1e3)
         assert {tuple(m["shape"]) for m in r["matmuls"]} >= {(49152, 64)}  # the tiny model's LM head
     assert "outside ops (Python, dispatch)" in capsys.readouterr().out
