@@ -49,6 +49,42 @@ class ModelEntry:
         return f"{self.id} · adapter of {self.parent}" if self.parent else f"{self.id} · base"
 
 
+@dataclass(frozen=True)
+class ToolCallEvent:
+    """A tool call the model made (the page shows it as a block; it does not run tools)."""
+
+    name: str
+    arguments: str  # JSON text, as the API sends it
+
+
+def output_options(json_mode: bool, tools: list[dict] | None, tool_choice: str = "auto") -> dict[str, Any]:
+    """Request fields for the page's output switches: JSON mode, the tools offered and `tool_choice`
+    (`required` makes the model call one, by grammar on llm-serve)."""
+    extra: dict[str, Any] = {}
+    if json_mode:
+        extra["response_format"] = {"type": "json_object"}
+    if tools:
+        extra["tools"] = tools
+        if tool_choice and tool_choice != "auto":
+            extra["tool_choice"] = tool_choice
+    return extra
+
+
+def parse_tools(text: str | None) -> list[dict] | None:
+    """The Tools box: empty, or a JSON list of OpenAI tools (`{"type": "function", "function": {...}}`)."""
+    import json
+
+    if not text or not text.strip():
+        return None
+    try:
+        tools = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"Tools is not valid JSON: {exc}") from None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) and "function" in t for t in tools):
+        raise ValueError('Tools must be a JSON list of {"type": "function", "function": {"name": ..., ...}}')
+    return tools
+
+
 def api_base(base_url: str) -> str:
     """`http://host:port` or `http://host:port/v1` -> `http://host:port/v1`."""
     url = base_url.rstrip("/")
@@ -69,17 +105,26 @@ async def list_models(client: AsyncOpenAI) -> list[ModelEntry]:
 
 
 async def stream_chat(
-    client: AsyncOpenAI, model: str, messages: list[dict], sampling: Sampling
-) -> AsyncIterator[str]:
-    """Yield the reply's text deltas; raises openai errors (including an error sent mid-stream)."""
+    client: AsyncOpenAI, model: str, messages: list[dict], sampling: Sampling, extra: dict | None = None
+) -> AsyncIterator[str | ToolCallEvent]:
+    """Yield the reply's text deltas, then its tool calls (assembled from `delta.tool_calls`);
+    raises openai errors (including an error sent mid-stream). `extra`: more request fields."""
     stream = await client.chat.completions.create(
-        model=model, messages=messages, stream=True, **sampling.as_dict()
+        model=model, messages=messages, stream=True, **sampling.as_dict(), **(extra or {})
     )
+    calls: dict[int, dict[str, str]] = {}
     try:
         async for chunk in stream:
             for choice in chunk.choices:
                 if choice.delta and choice.delta.content:
                     yield choice.delta.content
+                for delta in (choice.delta.tool_calls if choice.delta else None) or []:
+                    call = calls.setdefault(delta.index, {"name": "", "arguments": ""})
+                    if delta.function:
+                        call["name"] += delta.function.name or ""
+                        call["arguments"] += delta.function.arguments or ""
+        for i in sorted(calls):
+            yield ToolCallEvent(calls[i]["name"], calls[i]["arguments"])
     finally:
         # Closing the response tells the server the client left, so it stops generating.
         await stream.close()

@@ -38,6 +38,24 @@ FONT = ["ui-sans-serif", "system-ui", "Segoe UI", "Roboto", "sans-serif"]
 FONT_MONO = ["ui-monospace", "SFMono-Regular", "Menlo", "monospace"]
 
 
+def add_output_controls() -> list:
+    """The chat's output switches: JSON mode, and tools to offer (their calls show as blocks)."""
+    import gradio as gr
+
+    json_out = gr.Checkbox(label="JSON output", value=False, elem_id="json-output")
+    with gr.Accordion("Tools (function calling)", open=False, elem_id="tools-box"):
+        tools = gr.Textbox(
+            label='OpenAI tools: [{"type": "function", "function": {"name", "parameters"}}]',
+            lines=4,
+            placeholder="Optional JSON; the model's calls show as blocks (the page does not run them)",
+            elem_id="tools",
+        )
+        tool_choice = gr.Radio(
+            ["auto", "required", "none"], value="auto", label="Tool choice", elem_id="tool-choice"
+        )
+    return [json_out, tools, tool_choice]
+
+
 def create_ui(
     base_url: str,
     api_key: str | None,
@@ -86,6 +104,7 @@ def create_ui(
                 max_tokens = gr.Slider(
                     1, 4096, value=defaults.max_tokens, step=1, label="Max tokens", elem_id="max-tokens"
                 )
+                output = add_output_controls()
 
             with gr.Column(scale=3), gr.Tabs() as tabs:
                 with gr.Tab("Chat", id="chat"):
@@ -158,7 +177,7 @@ def create_ui(
         for trigger in (msg.submit, send.click):
             started = trigger(
                 h.start_turn,
-                [msg, chatbot, meta, model, *sampling],
+                [msg, chatbot, meta, model, *sampling, *output],
                 [msg, chatbot, meta, error_box, send, stop],
                 queue=False,
             )

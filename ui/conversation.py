@@ -28,8 +28,31 @@ def text_of(message: dict) -> str:
 
 
 def plain(history: list[dict]) -> list[dict]:
-    """History reduced to `{"role", "content"}` with string content."""
-    return [{"role": m["role"], "content": text_of(m)} for m in history]
+    """History reduced to `{"role", "content"}` with string content (and a tool-call block's title)."""
+    out = []
+    for m in history:
+        message = {"role": m["role"], "content": text_of(m)}
+        if is_tool_block(m):
+            message["metadata"] = {"title": m["metadata"]["title"]}
+        out.append(message)
+    return out
+
+
+TOOL_TITLE = "Tool call: "
+
+
+def tool_call_message(name: str, arguments: str) -> dict:
+    """A tool call as a titled block in the chat (Gradio shows `metadata.title` as a box)."""
+    try:
+        body = json.dumps(json.loads(arguments), indent=2, ensure_ascii=False)
+    except json.JSONDecodeError:
+        body = arguments
+    return {"role": "assistant", "content": f"```json\n{body}\n```", "metadata": {"title": TOOL_TITLE + name}}
+
+
+def is_tool_block(message: dict) -> bool:
+    metadata = message.get("metadata")
+    return isinstance(metadata, dict) and str(metadata.get("title") or "").startswith(TOOL_TITLE)
 
 
 def with_system(system: str, messages: list[dict]) -> list[dict]:
@@ -38,7 +61,12 @@ def with_system(system: str, messages: list[dict]) -> list[dict]:
 
 def request_messages(history: list[dict], system: str) -> list[dict]:
     """What to send for the next reply: system prompt + every finished turn (empty replies dropped)."""
-    turns = [m for m in plain(history) if m["role"] != "assistant" or m["content"]]
+    # Tool-call blocks are shown, not sent: the page does not run tools, so there is no result to pair.
+    turns = [
+        {"role": m["role"], "content": m["content"]}
+        for m in plain(history)
+        if (m["role"] != "assistant" or m["content"]) and not is_tool_block(m)
+    ]
     return with_system(system, turns)
 
 
@@ -47,7 +75,9 @@ def rated_messages(history: list[dict], meta: list[dict], index: int) -> list[di
     if not 0 <= index < len(history) or history[index].get("role") != "assistant":
         raise ValueError(f"message {index} is not an assistant reply")
     system = meta[index].get("system", "") if index < len(meta) else ""
-    return with_system(system, plain(history[: index + 1]))
+    return with_system(
+        system, [{"role": m["role"], "content": m["content"]} for m in plain(history[: index + 1])]
+    )
 
 
 def export_payload(history: list[dict], meta: list[dict], api_base: str) -> dict[str, Any]:

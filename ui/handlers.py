@@ -12,13 +12,24 @@ import html
 from pathlib import Path
 from typing import Any
 
-from ui.api import Sampling, api_base, describe_error, list_models, make_client, stream_chat
+from ui.api import (
+    Sampling,
+    ToolCallEvent,
+    api_base,
+    describe_error,
+    list_models,
+    make_client,
+    output_options,
+    parse_tools,
+    stream_chat,
+)
 from ui.conversation import (
     export_payload,
     plain,
     rated_messages,
     request_messages,
     text_of,
+    tool_call_message,
     with_system,
     write_export,
 )
@@ -49,6 +60,15 @@ def _running(running: bool) -> tuple[Any, Any]:
     import gradio as gr
 
     return gr.update(visible=not running), gr.update(visible=running)
+
+
+def _add_tool_call(history: list[dict], meta: list, reply: int, call: ToolCallEvent, model: str):
+    """Show a tool call as a block after the reply (in place of the reply when it has no text)."""
+    block = tool_call_message(call.name, call.arguments)
+    info = {"model": model, "tool_call": {"name": call.name, "arguments": call.arguments}}
+    if history[reply]["content"] == "" and reply == len(history) - 1:
+        return history[:reply] + [block], meta[:reply] + [{**meta[reply], **info}]
+    return history + [block], meta + [info]
 
 
 class Handlers:
@@ -86,8 +106,22 @@ class Handlers:
         return pick(chat_model, base), pick(left_model, base), pick(right_model, adapter), error_update(None)
 
     # --- chat ---------------------------------------------------------------------------------
-    def start_turn(self, text, history, meta, model, system, temperature, top_p, max_tokens):
-        """Append the user's message and an empty reply that `stream_turn` fills."""
+    def start_turn(
+        self,
+        text,
+        history,
+        meta,
+        model,
+        system,
+        temperature,
+        top_p,
+        max_tokens,
+        json_mode=False,
+        tools="",
+        tool_choice="auto",
+    ):
+        """Append the user's message and an empty reply that `stream_turn` fills. `json_mode`, `tools`
+        (the Tools box's JSON) and `tool_choice` are the page's output switches."""
         import gradio as gr
 
         text = (text or "").strip()
@@ -95,11 +129,18 @@ class Handlers:
             raise gr.Error("Type a message first.")
         if not model:
             raise gr.Error("Pick a model first (↻ refreshes the list).")
+        try:
+            extra = output_options(bool(json_mode), parse_tools(tools), tool_choice)
+        except ValueError as exc:
+            raise gr.Error(str(exc)) from None
         history = plain(history or [])
         meta = (list(meta or []) + [{}] * len(history))[: len(history)]
         sampling = Sampling(float(temperature), float(top_p), int(max_tokens))
         history += [{"role": "user", "content": text}, {"role": "assistant", "content": ""}]
-        meta += [{}, {"model": model, "system": system or "", "sampling": sampling.as_dict()}]
+        meta += [
+            {},
+            {"model": model, "system": system or "", "sampling": sampling.as_dict(), "output": extra},
+        ]
         return ("", history, meta, error_update(None), *_running(True))
 
     async def stream_turn(self, history, meta):
@@ -112,10 +153,17 @@ class Handlers:
             return
         info = meta[-1]
         messages = request_messages(history[:-1], info["system"])
+        extra = info.get("output") or {}
+        reply = len(history) - 1
         try:
             async with self._client() as client:
-                async for delta in stream_chat(client, info["model"], messages, Sampling(**info["sampling"])):
-                    history[-1] = {"role": "assistant", "content": history[-1]["content"] + delta}
+                async for event in stream_chat(
+                    client, info["model"], messages, Sampling(**info["sampling"]), extra
+                ):
+                    if isinstance(event, ToolCallEvent):
+                        history, meta = _add_tool_call(history, meta, reply, event, info["model"])
+                    else:
+                        history[reply] = {"role": "assistant", "content": history[reply]["content"] + event}
                     yield list(history), meta, gr.update(), gr.update()
         except openai.OpenAIError as exc:
             error = error_update(describe_error(exc, self.base_url))

@@ -2,7 +2,8 @@
 
 Models: `base` and its adapter `adapter-a` echo the last user message word by word as
 `[MODEL] echo: TEXT`; `midstream` sends two words then an error chunk; `slow` streams 200 words
-slowly (for Stop). Any other model is a 404, `busy` a 429, and a wrong key a 401 (OpenAI's shapes).
+slowly (for Stop); a request with `tools` gets "Checking." and a call to the first tool. Any other
+model is a 404, `busy` a 429, and a wrong key a 401 (OpenAI's shapes).
 Every chat request body is kept in `.requests`.
 """
 
@@ -43,6 +44,17 @@ def _chunk(model: str, content: str | None, finish: str | None = None) -> str:
     return f"data: {json.dumps(body)}\n\n"
 
 
+def _delta(model: str, delta: dict) -> str:
+    body = {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": None}],
+    }
+    return f"data: {json.dumps(body)}\n\n"
+
+
 def build_app(api_key: str | None = None, delay: float = 0.0):
     app = FastAPI()
     app.state.requests = []
@@ -78,6 +90,25 @@ def build_app(api_key: str | None = None, delay: float = 0.0):
         words = f"[{model}] echo: {user}".split(" ")
         if model == "slow":
             words = [f"w{i}" for i in range(200)]
+
+        if body.get("tools"):
+            name = body["tools"][0]["function"]["name"]
+
+            async def calls():
+                yield _chunk(model, "Checking.")
+                call = {
+                    "index": 0,
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": name, "arguments": ""},
+                }
+                yield _delta(model, {"tool_calls": [call]})
+                for part in ('{"city": ', '"Paris"}'):
+                    yield _delta(model, {"tool_calls": [{"index": 0, "function": {"arguments": part}}]})
+                yield _chunk(model, None, "tool_calls")
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(calls(), media_type="text/event-stream")
 
         async def events():
             try:

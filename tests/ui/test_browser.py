@@ -182,6 +182,33 @@ def test_switch_to_adapter_multi_turn_and_export(page, served):
     assert payload["messages"][3]["content"] == bot_texts(page)[-1]
 
 
+WEATHER_TOOL = (
+    '[{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", '
+    '"properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"]}}}]'
+)
+
+
+def test_tool_call_shows_as_a_block_and_json_switch_gives_json(page, served, tmp_path):
+    wait_for_models(page)
+    set_small_replies(page)
+    box = page.locator('#max-tokens input[type="number"]')
+    box.fill("60")
+    box.press("Enter")
+    page.click("#tools-box")  # the accordion
+    page.fill("#tools textarea", WEATHER_TOOL)
+    page.locator("#tool-choice label", has_text="required").click()
+    send_and_watch(page, "What is the weather in Paris?")
+    block = page.locator("#chatbot", has_text="Tool call: get_weather")
+    block.wait_for()
+    screenshot(page, tmp_path, "tool-call")
+
+    page.fill("#tools textarea", "")
+    page.locator("#json-output input").check()
+    reply = send_and_watch(page, "Give a JSON object with a key answer.")[-1]
+    assert reply.strip().startswith("{"), reply
+    screenshot(page, tmp_path, "json-output")
+
+
 def running_requests(served) -> float:
     import re
 

@@ -172,3 +172,33 @@ def test_stop_before_any_token_gives_the_text_back(h):
     partial = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "half"}]
     kept, _, msg, *_ = h.stop_turn(partial, [{}, {"model": "base"}])
     assert kept == partial and msg["__type__"] == "update"
+
+
+WEATHER = '[{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]'
+
+
+def test_json_switch_and_tools_box_reach_the_request_and_calls_show_as_blocks(h, fake):
+    msg, history, meta, *_ = h.start_turn("weather?", [], [], "base", "", 0.2, 0.9, 32, True, WEATHER)
+    yields = collect(h.stream_turn(history, meta))
+    request = fake.requests[-1]
+    assert request["response_format"] == {"type": "json_object"}
+    assert request["tools"][0]["function"]["name"] == "get_weather"
+    history, meta = yields[-1][0], yields[-1][1]
+    assert history[-2] == {"role": "assistant", "content": "Checking."}
+    block = history[-1]
+    assert block["metadata"]["title"] == "Tool call: get_weather"
+    assert json.loads(block["content"].removeprefix("```json\n").removesuffix("\n```")) == {"city": "Paris"}
+    assert meta[-1]["tool_call"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+    # The block is shown, not sent back: the next request has the text reply only.
+    collect(h.stream_turn(*h.start_turn("thanks", history, meta, "base", "", 0.2, 0.9, 32)[1:3]))
+    assert [m["content"] for m in fake.requests[-1]["messages"]] == ["weather?", "Checking.", "thanks"]
+    assert "response_format" not in fake.requests[-1] and "tools" not in fake.requests[-1]
+
+
+def test_bad_tools_json_is_refused_on_the_page(h):
+    import gradio as gr
+
+    with pytest.raises(gr.Error, match="Tools is not valid JSON"):
+        h.start_turn("hi", [], [], "base", "", 0.2, 0.9, 32, False, "[{oops")
+    with pytest.raises(gr.Error, match="JSON list"):
+        h.start_turn("hi", [], [], "base", "", 0.2, 0.9, 32, False, '{"name": "f"}')
