@@ -101,6 +101,10 @@ def read_metrics(run_dir: Path, *, tokens_before: int = 0) -> dict[str, Any]:
     if rewards:  # PPO: the mean reward of each logged step's rollouts
         metrics["rewards"] = rewards
         metrics["final_reward"] = rewards[-1]
+    if "train_runtime" not in metrics and log and log[-1].get("elapsed_time"):
+        # PPO's trainer writes no all_results.json; its log rows carry the elapsed time (H:MM:SS).
+        h, m, sec = (int(x) for x in str(log[-1]["elapsed_time"]).split(":")[-3:])
+        metrics["train_runtime"] = float(h * 3600 + m * 60 + sec)
     evals = [r["eval_loss"] for r in log if "eval_loss" in r]
     if evals:
         metrics["best_eval_loss"] = min(evals)

@@ -4,8 +4,8 @@ each result used the way a user would:
 - `rm` on preference pairs -> a LoRA adapter with its value head; its scores equal LLaMA-Factory's own
   value-head model on the same chats;
 - `ppo` against that reward model -> a policy adapter and the rewards in the manifest;
-- `llm-eval --reward-model` -> base, the PPO adapter and the pt adapter scored by that reward model;
-- `pt` on the c4 demo text -> an adapter (evaluated above);
+- `llm-eval --reward-model` -> base and the PPO adapter scored by that reward model;
+- `pt` on the c4 demo text -> an adapter that lowers the loss on the text it trained on;
 - `full` -> a whole checkpoint served by `llm-serve --model` and chatted with through `openai`;
 - `freeze` -> a whole checkpoint `llm-export --model` turns into a verified GGUF.
 """
@@ -152,7 +152,30 @@ def test_ppo_against_an_llm_train_reward_model(ppo, rm):
     assert (ppo / "adapter_model.safetensors").is_file() and not (ppo / "reward").exists()
 
 
-def test_llm_eval_reward_model_column(tmp, rm, ppo, pt):
+def test_pt_adapter_learned_its_text(pt, default_model, shared_demo_data):
+    """What continued pre-training is for: the adapter predicts the text it read better than the base."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(pt))
+    # LLaMA-Factory's pt stage joins the texts (max_samples=4 takes the first 4) with EOS and cuts the
+    # stream into cutoff_len blocks; 2 steps of 2 blocks trained on its first 4 x 64 tokens.
+    lines = (shared_demo_data / "c4_demo.jsonl").read_text().splitlines()[:4]
+    stream = tok(tok.eos_token.join(json.loads(line)["text"] for line in lines)).input_ids[: 4 * 64]
+    batch = [torch.tensor([stream[i : i + 64]]) for i in range(0, len(stream), 64)]
+    model = AutoModelForCausalLM.from_pretrained(str(default_model.path), dtype=torch.float32)
+
+    def loss(m) -> float:
+        with torch.no_grad():
+            return sum(float(m(input_ids=ids, labels=ids).loss) for ids in batch) / len(batch)
+
+    before = loss(model)
+    after = loss(PeftModel.from_pretrained(model, str(pt)))
+    assert after < before, (before, after)
+
+
+def test_llm_eval_reward_model_column(tmp, rm, ppo):
     from eval.cli import main
 
     data = tmp / "prompts.jsonl"
@@ -164,21 +187,12 @@ def test_llm_eval_reward_model_column(tmp, rm, ppo, pt):
         + "\n"
     )
     out = tmp / "eval"
-    args = [
-        "--adapter",
-        f"ppo={ppo}",
-        "--adapter",
-        f"pt={pt}",
-        "--data",
-        str(data),
-        "--reward-model",
-        str(rm),
-    ]
+    args = ["--adapter", f"ppo={ppo}", "--data", str(data), "--reward-model", str(rm)]
     args += ["--max-tokens", "8", "--no-embeddings", "--no-cache", "--threads", "1", "--out", str(out)]
     assert main(args) == 0
     results = json.loads((out / "results.json").read_text())
     style = results["style"]
-    for name in ("base", "ppo", "pt"):
+    for name in ("base", "ppo"):
         reward = style["targets"][name]["reward"]
         assert math.isfinite(reward["mean"]) and reward["ci95"][0] <= reward["mean"] <= reward["ci95"][1]
     assert math.isfinite(style["reference"]["reward"]) and results["reward_model"]["path"] == str(rm)

@@ -130,12 +130,12 @@ def test_tokens_per_second_after_resume_counts_this_session_only(tmp_path):
 def test_manifest_records_ppo_rewards_parallel_layout_and_resume(tmp_path, monkeypatch):
     monkeypatch.setattr("train.manifest.model_sha256", lambda path: "0" * 64)
     run = tmp_path / "run"
-    write_run(
-        run,
-        0,
-        0,
-        [{"current_steps": 1, "loss": 0.1, "reward": -1.5}, {"current_steps": 2, "loss": 0.2, "reward": 0.5}],
-    )
+    run.mkdir()
+    rows = [
+        {"current_steps": 1, "loss": 0.1, "reward": -1.5, "elapsed_time": "0:00:42"},
+        {"current_steps": 2, "loss": 0.2, "reward": 0.5, "elapsed_time": "0:01:27"},
+    ]
+    (run / "trainer_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     ckpt = run / "checkpoint-1"
     ckpt.mkdir()
     (ckpt / "trainer_state.json").write_text(json.dumps({"num_input_tokens_seen": 7}))
@@ -154,6 +154,7 @@ def test_manifest_records_ppo_rewards_parallel_layout_and_resume(tmp_path, monke
         stage_info={"reward_model": {"path": "/rm", "type": "lora"}, "wall_seconds": 12.5},
     )
     assert m["metrics"]["rewards"] == [-1.5, 0.5] and m["metrics"]["final_reward"] == 0.5
+    assert m["metrics"]["train_runtime"] == 87.0  # from the last row's elapsed_time (PPO writes no results)
     assert m["metrics"]["wall_seconds"] == 12.5 and m["reward_model"]["path"] == "/rm"
     assert m["parallel"]["effective_batch_size"] == 4 and m["resumed"] == {
         "checkpoint": "checkpoint-1",
