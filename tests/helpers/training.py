@@ -38,22 +38,11 @@ def start_llm_train(*args, env=None) -> subprocess.Popen:
     )
 
 
-def trainer_rows(run_dir: Path) -> list[dict]:
-    path = run_dir / "trainer_log.jsonl"
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
-
-
 def losses(run_dir: Path) -> dict[int, float]:
     """Training loss by optimizer step, from LLaMA-Factory's trainer_log.jsonl."""
-    return {r["current_steps"]: r["loss"] for r in trainer_rows(run_dir) if "loss" in r}
+    from train.manifest import read_trainer_log
+
+    return {r["current_steps"]: r["loss"] for r in read_trainer_log(run_dir) if "loss" in r}
 
 
 def interrupt_after_first_step(proc: subprocess.Popen, staging: Path, sig=signal.SIGINT, timeout=600):
