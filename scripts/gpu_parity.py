@@ -2,8 +2,9 @@
 decoder and transformers' modeling code, against transformers' own greedy generation on the GPU, for
 the base and a LoRA adapter in one mixed batch. float32, so the tokens must be identical.
 
-Run as: .venv/bin/python scripts/gpu_parity.py [--model default] [--tokens 24]
-Prints one line per implementation and exits 1 on the first mismatch.
+Run as: .venv/bin/python scripts/gpu_parity.py [--model default] [--tokens 24] [--device cuda]
+Prints one line per implementation and exits 1 on the first mismatch. `--device cpu` runs the same
+comparison without a GPU (how the script itself is checked on a CPU machine).
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="default")
     p.add_argument("--tokens", type=int, default=24)
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     args = p.parse_args()
+    device = args.device
 
     import torch
     from peft import PeftModel
@@ -36,30 +39,31 @@ def main() -> int:
     from serve.models import resolve_model
     from tests.helpers.adapters import make_lora_adapter
 
-    if not torch.cuda.is_available():
-        print("gpu_parity: no CUDA device", file=sys.stderr)
+    if device == "cuda" and not torch.cuda.is_available():
+        print("gpu_parity: no CUDA device (--device cpu checks the same on CPU)", file=sys.stderr)
         return 1
     model = resolve_model(args.model)
     adapter_dir = make_lora_adapter(model.path, Path(tempfile.mkdtemp()) / "a", seed=1, scale=0.05)
 
     def reference(adapter: bool) -> list[list[int]]:
-        ref = AutoModelForCausalLM.from_pretrained(model.path, dtype=torch.float32).to("cuda")
+        ref = AutoModelForCausalLM.from_pretrained(model.path, dtype=torch.float32).to(device)
         if adapter:
-            ref = PeftModel.from_pretrained(ref, str(adapter_dir)).to("cuda")
+            ref = PeftModel.from_pretrained(ref, str(adapter_dir)).to(device)
         outs = []
         for ids in prompt_ids:
-            x = torch.tensor([ids], device="cuda")
+            x = torch.tensor([ids], device=device)
             out = ref.generate(
                 x, max_new_tokens=args.tokens, do_sample=False, eos_token_id=None, pad_token_id=0
             )
             outs.append(out[0, len(ids) :].tolist())
         del ref
-        torch.cuda.empty_cache()
+        if device == "cuda":
+            torch.cuda.empty_cache()
         return outs
 
     async def engine_run(impl: str) -> dict:
         spec = load_adapter_spec("a", adapter_dir)
-        cfg = ServeConfig(model=args.model, device="cuda", dtype="float32", model_impl=impl, max_num_seqs=8)
+        cfg = ServeConfig(model=args.model, device=device, dtype="float32", model_impl=impl, max_num_seqs=8)
         engine = HFEngine(cfg, model, [spec])
         await engine.start()
 
@@ -95,8 +99,9 @@ def main() -> int:
                 file=sys.stderr,
             )
             return 1
-        print(f"gpu_parity: {impl} on cuda: {len(got)} sequences (base + adapter, mixed batch) identical")
-    print(f"gpu_parity: ok on {torch.cuda.get_device_name(0)}")
+        print(f"gpu_parity: {impl} on {device}: {len(got)} sequences (base + adapter, mixed batch) identical")
+    where = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
+    print(f"gpu_parity: ok on {where}")
     return 0
 
 
