@@ -169,7 +169,8 @@ def render(report: dict) -> str:
     if compile_s:
         parts.append(
             f"grammar compile for the c16_json schema: cold {compile_s['cold_s'] * 1000:.1f} ms, cached "
-            f"{compile_s['cached_s'] * 1e6:.0f} us (vocabulary table once per tokenizer: {compile_s['vocabulary_table_s']:.2f} s)"
+            f"{compile_s['cached_s'] * 1e6:.0f} us (vocabulary table once per tokenizer: {compile_s['vocabulary_table_s']:.2f} s); "
+            f"grammar work per decode step for 16 constrained rows: {compile_s.get('mask_ms_per_step_16_rows', 0):.2f} ms"
         )
     mem = _get(targets, OURS, "memory", "memory")
     if mem:

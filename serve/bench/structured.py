@@ -1,8 +1,10 @@
 """The structured-output benchmark scenario (`c16_json`): what a JSON schema costs at 16 streams.
 
-The same 16-stream load twice per round, unconstrained then with every request carrying the same
-`response_format: json_schema`, rounds interleaved so drift on a shared machine hits both alike; the
-figure is the median over rounds of constrained / unconstrained output tokens per second. The schema
+The same 16-stream load twice per round, unconstrained and with every request carrying the same
+`response_format: json_schema`, rounds interleaved (and the order flipped each round) so drift on a
+shared machine hits both alike; the figure is the median over rounds of constrained / unconstrained
+output tokens per second. In-process figures beside it: the grammar's own work per decode step for
+16 constrained rows (fill the bitmask, mask the logits, advance the matchers). The schema
 asks for at least 64 records, so every reply runs to `max_tokens` in both halves and they generate the
 same number of tokens. Each constrained reply is checked to follow the schema (as a prefix: it is cut
 by max_tokens). Grammar compile time for the schema is measured in-process, cold and cached.
@@ -72,7 +74,29 @@ def compile_times(tokenizer, vocab_size: int | None = None, repeats: int = 5) ->
         "cold_s": statistics.median(cold),
         "cached_s": statistics.median(cached),
         "repeats": repeats,
+        "mask_ms_per_step_16_rows": mask_step_ms(fresh.compile(constraint), vocab_size or len(tokenizer)),
     }
+
+
+def mask_step_ms(compiled, vocab_size: int, rows: int = 16, steps: int = 64) -> float:
+    """Median milliseconds per decode step spent on the grammar for `rows` constrained rows: fill the
+    bitmask, mask the logits, advance the matchers (the engine's whole per-step grammar work)."""
+    import torch
+
+    from serve.structured.bitmask import GrammarState, apply_bitmask, fill_bitmask
+
+    generator = torch.Generator().manual_seed(0)
+    states = [GrammarState.start(compiled, [0]) for _ in range(rows)]
+    times = []
+    for _ in range(steps):
+        logits = torch.randn(rows, vocab_size, generator=generator)
+        started = time.perf_counter()
+        bitmask, constrained = fill_bitmask(states, vocab_size)
+        apply_bitmask(logits, bitmask, constrained)
+        for state, token in zip(states, torch.argmax(logits, dim=-1).tolist(), strict=True):
+            state.accept(token)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1000
 
 
 def follows_schema(texts: list[str], tokenizer, vocab_size: int | None = None) -> int:
@@ -93,10 +117,17 @@ def run_pair(
     reqs = make_requests(prompts, prompt_len, output_len, [model])
     count = lambda text: len(tok.encode(text, add_special_tokens=False))  # noqa: E731
     constrained_load = load.model_copy(update={"extra_body": {"response_format": RESPONSE_FORMAT}})
+    # Prefill every prompt once, so a server's prefix cache serves both halves alike; then alternate
+    # which half goes first, so neither always runs on a warmer or quieter machine.
+    run(load, make_requests(prompts, prompt_len, 1, [model]))
     per_round, free_runs, json_runs, texts = [], [], [], []
-    for _ in range(rounds):
-        free = summarize(run(load, reqs, count_tokens=count))
-        results = run(constrained_load, reqs, count_tokens=count)
+    for i in range(rounds):
+        if i % 2:
+            results = run(constrained_load, reqs, count_tokens=count)
+            free = summarize(run(load, reqs, count_tokens=count))
+        else:
+            free = summarize(run(load, reqs, count_tokens=count))
+            results = run(constrained_load, reqs, count_tokens=count)
         constrained = summarize(results)
         texts += [r.text for r in results if r.ok]
         free_runs.append(free)
