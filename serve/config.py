@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -40,6 +40,18 @@ class ServeConfig(BaseModel):
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest request body accepted (413).")
     kv_cache_memory_gb: float | None = Field(
         None, gt=0, description="Memory budget for the KV cache in GiB (default: enough for max_num_seqs)."
+    )
+    max_num_batched_tokens: int = Field(
+        512,
+        ge=16,
+        description="Most tokens one step carries: the prompt chunk size when nothing decodes (512: prefill "
+        "throughput peaks there on a 2-core CPU, and a burst of prompts reaches its first tokens soonest).",
+    )
+    step_time_ratio: float = Field(
+        2.0,
+        description="While sequences decode, a step carrying prompt chunks may take at most this many times "
+        "a decode step of the full batch, by the measured step time (bounds inter-token latency while "
+        "prompts are admitted); 0: chunks as large as max_num_batched_tokens allows.",
     )
     prefix_caching: bool = Field(
         True,
@@ -79,6 +91,13 @@ class ServeConfig(BaseModel):
     pipeline_parallel_size: int = Field(1, ge=1, description="vLLM: pipeline stages.")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vLLM: fraction of GPU memory.")
     enforce_eager: bool = Field(False, description="vLLM: skip CUDA graphs / compilation.")
+
+    @field_validator("step_time_ratio")
+    @classmethod
+    def _ratio_off_or_at_least_one(cls, v: float) -> float:
+        if v != 0 and v < 1:
+            raise ValueError("must be 0 (off) or at least 1 (a step cannot be shorter than its decode rows)")
+        return v
 
     def resolved_api_key(self) -> str | None:
         return self.api_key or os.environ.get("LLM_SERVE_API_KEY") or None

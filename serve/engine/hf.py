@@ -150,11 +150,10 @@ class HFEngine(Engine):
             )
             self.pool = PrefixKVPool(self.cache, int(budget // row_bytes))
             prefix_cache = PrefixCache(self.pool.rows)
-        # 512 tokens per step: prefill throughput peaks there on the 2-core CPU (655 vs 597 tok/s at 256)
-        # and a burst of prompts reaches its first token sooner.
         self.scheduler = Scheduler(
             slots,
-            max_batched_tokens=max(512, slots),
+            max_batched_tokens=max(cfg.max_num_batched_tokens, slots),
+            step_time_ratio=cfg.step_time_ratio,
             move_slot=self.cache.move_slot,
             copy_prefix=self.cache.move_slot,  # copies positions [0, n) and leaves the source as it is
             prefix_cache=prefix_cache,
@@ -323,10 +322,12 @@ class HFEngine(Engine):
                         continue
                     plan = self.scheduler.schedule()
                     if not plan.empty:
+                        started = time.perf_counter()
                         try:
                             self._step(plan)
                         except Exception as exc:  # one bad step fails its own requests, not the engine
                             self._fail_step(plan, exc)
+                        self._record(plan, time.perf_counter() - started)
                         self.steps += 1
                     self._flush()
         except Exception as exc:  # the loop must never die silently: fail every request, then report
@@ -338,6 +339,16 @@ class HFEngine(Engine):
             for seq in [*self.scheduler.running, *self.scheduler.waiting, *self._incoming]:
                 self._finish(seq, "abort")
             self._flush()
+
+    def _record(self, plan: StepPlan, seconds: float) -> None:
+        self.scheduler.record(plan, seconds)
+        if logger.isEnabledFor(logging.DEBUG):
+            load = plan.load
+            logger.debug(
+                "step %d: %d decode rows (%d cached positions), %d prompt tokens in %d chunks: %.1f ms "
+                "(model %.1f ms)", self.steps, load.decode_rows, load.decode_kv, load.prompt_tokens,
+                len(plan.prefill), seconds * 1e3, self.scheduler.cost.predict(load) * 1e3,
+            )  # fmt: skip
 
     def _fail_step(self, plan: StepPlan, exc: Exception) -> None:
         """Finish every request of a failed step with an error and free its slot; the rest go on.

@@ -1,9 +1,11 @@
 """Continuous-batching scheduler: which sequences decode and which prompt chunks prefill each step.
 
 Pure bookkeeping, no torch. Sequences are admitted from a FIFO queue into free KV slots, up to
-`max_num_seqs`. Every step decodes one token for each sequence past its prompt and fills the rest of
-a token budget (`max_batched_tokens`) with prompt chunks, oldest first, so a long prompt is split
-across steps instead of stalling every stream. Finished sequences leave at once; the last slot is
+`max_num_seqs`. Every step decodes one token for each sequence past its prompt first, then fills a
+budget with prompt chunks, oldest first: with nothing decoding, up to `max_batched_tokens`; while
+sequences decode, as many prompt tokens as keep the step within `step_time_ratio` times a decode
+step, by the measured step cost (`step_budget.py`), so admitting prompts does not stall the streams.
+Finished sequences leave at once; the last slot is
 moved into the hole so running sequences stay in slots 0..N-1 and decode reads the cache as a view.
 
 Prefix reuse: before a prompt's first chunk, the longest prefix it shares with a running sequence
@@ -23,6 +25,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 from serve.engine.prefix_cache import PrefixCache, has_logprob, trimmed
+from serve.engine.step_budget import StepCostModel, StepLoad, prefill_budget
 from serve.engine.types import GenerationRequest, TokenLogprob
 
 
@@ -77,6 +80,11 @@ class PrefillChunk:
 class StepPlan:
     decode: list[Sequence]
     prefill: list[PrefillChunk]
+    decode_kv: int = 0  # positions the decode rows attend over, summed
+
+    @property
+    def load(self) -> StepLoad:
+        return StepLoad(len(self.decode), sum(c.length for c in self.prefill), self.decode_kv)
 
     @property
     def empty(self) -> bool:
@@ -98,9 +106,14 @@ class Scheduler:
         prefix_cache: PrefixCache | None = None,
         load_cached: Callable[[list[int], int], None] | None = None,
         save_cached: Callable[[int, int, list[int]], None] | None = None,
+        step_time_ratio: float = 0.0,
     ):
         self.max_num_seqs = max_num_seqs
         self.max_batched_tokens = max_batched_tokens
+        # While sequences decode, prompt chunks keep a step within this many times a decode step
+        # of the full batch (`step_budget.py`); 0: chunks as large as `max_batched_tokens` allows.
+        self.step_time_ratio = step_time_ratio
+        self.cost = StepCostModel()
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # index == slot
         self.move_slot = move_slot or (lambda src, dst, n: None)
@@ -126,7 +139,11 @@ class Scheduler:
             seq.slot = len(self.running)
             self.running.append(seq)
         decode = [s for s in self.running if not s.in_prefill]
-        budget = max(self.max_batched_tokens - len(decode), 0)
+        kv = sum(s.num_computed + 1 for s in decode)
+        budget = prefill_budget(
+            self.cost, len(decode), kv, min(len(self.running) + len(self.waiting), self.max_num_seqs),
+            ratio=self.step_time_ratio, max_tokens=self.max_batched_tokens,
+        )  # fmt: skip
         prefill: list[PrefillChunk] = []
         for seq in self.running:
             if budget <= 0:
@@ -141,7 +158,11 @@ class Scheduler:
             # Budget smaller than one chunk: always make progress on the oldest prompt.
             seq = next(s for s in self.running if s.in_prefill)
             prefill.append(PrefillChunk(seq, seq.num_computed, len(seq.prompt_ids) - seq.num_computed))
-        return StepPlan(decode=decode, prefill=prefill)
+        return StepPlan(decode=decode, prefill=prefill, decode_kv=kv)
+
+    def record(self, plan: StepPlan, seconds: float) -> None:
+        """What `plan` took to run: the step cost model learns from it."""
+        self.cost.observe(plan.load, seconds)
 
     def _reuse_prefix(self, seq: Sequence) -> None:
         """Start `seq` past the longest prompt prefix whose keys/values a running sequence of the
