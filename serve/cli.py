@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-memory-gb", type=float, help=f["kv_cache_memory_gb"].description)
     p.add_argument("--max-num-batched-tokens", type=int, help=f["max_num_batched_tokens"].description)
     p.add_argument("--step-time-ratio", type=float, help=f["step_time_ratio"].description)
+    p.add_argument("--batch-wait-ms", type=float, help=f["batch_wait_ms"].description)
     p.add_argument(
         "--prefix-caching",
         action=argparse.BooleanOptionalAction,

@@ -53,6 +53,14 @@ class ServeConfig(BaseModel):
         "a decode step of the full batch, by the measured step time (bounds inter-token latency while "
         "prompts are admitted); 0: chunks as large as max_num_batched_tokens allows.",
     )
+    batch_wait_ms: float = Field(
+        20.0,
+        ge=0,
+        le=1000,
+        description="Before a step in which nothing decodes, wait up to this long for more requests (a "
+        "burst arriving, or closed-loop clients such as lm-eval sending their next), so they share the "
+        "step; after a step, at most half a step; 0: never wait.",
+    )
     prefix_caching: bool = Field(
         True,
         description="Keep finished sequences' keys/values and reuse them for later prompts of the same "

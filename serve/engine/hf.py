@@ -70,6 +70,9 @@ class HFEngine(Engine):
         self._thread: threading.Thread | None = None
         self._pending: list = []  # (state, output) produced by the engine thread, not yet delivered
         self.steps = 0
+        self._arrived_idle = False  # the engine had no work: the next request may start a burst
+        self._answered = 0  # requests the last step finished: their clients may send the next
+        self._last_step_s = 0.0
         self.failed_steps = 0
         # Set by load(); None until then (and after a failed load), so stats() and shutdown() still work.
         self.tokenizer = None
@@ -319,7 +322,9 @@ class HFEngine(Engine):
                     if not self.scheduler.has_work:
                         self._wake.wait(0.5)
                         self._wake.clear()
+                        self._arrived_idle = True
                         continue
+                    self._await_batch()
                     plan = self.scheduler.schedule()
                     if not plan.empty:
                         started = time.perf_counter()
@@ -330,6 +335,9 @@ class HFEngine(Engine):
                         self._record(plan, time.perf_counter() - started)
                         self.steps += 1
                     self._flush()
+                    # A step that answered everything leaves the engine as idle as a timed-out wait:
+                    # the next request that comes may be the first of a burst.
+                    self._arrived_idle = not self.scheduler.has_work
         except Exception as exc:  # the loop must never die silently: fail every request, then report
             logger.exception("engine loop failed")
             self._dead = f"engine failure: {type(exc).__name__}: {exc}"
@@ -340,7 +348,40 @@ class HFEngine(Engine):
                 self._finish(seq, "abort")
             self._flush()
 
+    def _await_batch(self) -> None:
+        """Before a step in which nothing decodes, wait up to `batch_wait_ms` for more requests.
+
+        Requests that come together reach the engine a few ms apart (each is parsed, templated and
+        tokenized in turn), and closed-loop clients (lm-eval, scripts with a concurrency limit) send
+        their next request as soon as one is answered. A step started on the first of them would
+        carry it alone and the rest would wait for the next step, or, once it decodes, be admitted
+        in chunks sized for its inter-token latency. Waiting lets them share the step. Never while a
+        sequence decodes (no stream stalls); after idling (or a step that answered every request),
+        until `max_num_seqs` are queued, at most `batch_wait_ms`; after a step that answered some
+        requests, until as many have arrived, at most half a step.
+        """
+        answered, self._answered = self._answered, 0
+        idle, self._arrived_idle = self._arrived_idle, False
+        sched, wait = self.scheduler, self.config.batch_wait_ms / 1e3
+        if not wait or not (idle or answered) or any(not s.in_prefill for s in sched.running):
+            return
+        want = sched.max_num_seqs if idle else answered
+        if not idle:
+            wait = min(wait, 0.5 * self._last_step_s)
+        deadline = time.monotonic() + wait
+        while True:
+            self._wake.clear()
+            with self._lock:
+                arrived = len(self._incoming)
+            queued = len(sched.running) + len(sched.waiting) + arrived
+            remaining = deadline - time.monotonic()
+            if arrived >= want or queued >= sched.max_num_seqs or remaining <= 0:
+                break
+            self._wake.wait(remaining)
+        self._drain()
+
     def _record(self, plan: StepPlan, seconds: float) -> None:
+        self._last_step_s = seconds
         self.scheduler.record(plan, seconds)
         if logger.isEnabledFor(logging.DEBUG):
             load = plan.load
@@ -530,6 +571,7 @@ class HFEngine(Engine):
         self._pending.append((st, out))
         if finish:
             self.scheduler.remove(seq)
+            self._answered += 1
 
     def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
         if seq.finished or seq.state is None:

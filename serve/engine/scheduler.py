@@ -19,6 +19,7 @@ to the cache before their slot is reused.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections import deque
 from collections.abc import Callable, Hashable
@@ -27,6 +28,8 @@ from dataclasses import dataclass, field
 from serve.engine.prefix_cache import PrefixCache, has_logprob, trimmed
 from serve.engine.step_budget import StepCostModel, StepLoad, prefill_budget
 from serve.engine.types import GenerationRequest, TokenLogprob
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
@@ -200,6 +203,10 @@ class Scheduler:
             self.shared_prefix_tokens += n
             known = source.prompt_logprobs
         seq.num_computed = n
+        logger.debug(
+            "%s: %d of %d prompt tokens from %s", seq.request.request_id, n, len(prompt),
+            "the prefix cache" if hit is not None else "a running sequence",
+        )  # fmt: skip
         if top is not None:
             seq.prompt_logprobs = [None, *(trimmed(r, top) for r in known[1 : n + 1])]
 
