@@ -41,25 +41,32 @@ class ServeConfig(BaseModel):
     kv_cache_memory_gb: float | None = Field(
         None, gt=0, description="Memory budget for the KV cache in GiB (default: enough for max_num_seqs)."
     )
-    max_num_batched_tokens: int = Field(
-        512,
+    max_num_batched_tokens: int | None = Field(
+        None,
         ge=16,
-        description="Most tokens one step carries: the prompt chunk size when nothing decodes (512: prefill "
-        "throughput peaks there on a 2-core CPU, and a burst of prompts reaches its first tokens soonest).",
+        le=65536,
+        description="Most tokens one step carries: the prompt chunk size when nothing decodes. Default: 512 "
+        "for our engine (prefill throughput peaks there on a 2-core CPU, and a burst of prompts reaches "
+        "its first tokens soonest); vLLM's own default for --engine vllm.",
     )
     step_time_ratio: float = Field(
         2.0,
-        description="While sequences decode, a step carrying prompt chunks may take at most this many times "
-        "a decode step of the full batch, by the measured step time (bounds inter-token latency while "
-        "prompts are admitted); 0: chunks as large as max_num_batched_tokens allows.",
+        ge=0,
+        le=100,
+        allow_inf_nan=False,
+        description="Our engine: while sequences decode, a step carrying prompt chunks may take at most this "
+        "many times a decode step of the full batch, by the step time measured as the engine runs (bounds "
+        "inter-token latency while prompts are admitted); 0: chunks as large as max_num_batched_tokens "
+        "allows (the behaviour before issue 19).",
     )
     batch_wait_ms: float = Field(
         20.0,
         ge=0,
         le=1000,
-        description="Before a step in which nothing decodes, wait up to this long for more requests (a "
-        "burst arriving, or closed-loop clients such as lm-eval sending their next), so they share the "
-        "step; after a step, at most half a step; 0: never wait.",
+        allow_inf_nan=False,
+        description="Our engine: before a step in which nothing decodes, wait up to this long for more "
+        "requests (a burst arriving, or closed-loop clients such as lm-eval sending their next), so they "
+        "share the step; after a step that answered some requests, at most half a step; 0: never wait.",
     )
     prefix_caching: bool = Field(
         True,
@@ -104,7 +111,10 @@ class ServeConfig(BaseModel):
     @classmethod
     def _ratio_off_or_at_least_one(cls, v: float) -> float:
         if v != 0 and v < 1:
-            raise ValueError("must be 0 (off) or at least 1 (a step cannot be shorter than its decode rows)")
+            raise ValueError(
+                f"{v} is not allowed: use 0 (off: prompt chunks as large as max_num_batched_tokens allows) "
+                "or a ratio of at least 1 (a step cannot be shorter than its own decode rows), e.g. 2"
+            )
         return v
 
     def resolved_api_key(self) -> str | None:

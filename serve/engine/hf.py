@@ -36,6 +36,9 @@ from serve.models import ResolvedModel
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_MODEL_LEN = 4096
+# Prompt tokens a step carries when nothing decodes: prefill throughput peaks there on the 2-core
+# CPU (655 vs 597 tok/s at 256) and a burst of prompts reaches its first tokens sooner.
+DEFAULT_BATCHED_TOKENS = 512
 
 
 @dataclass
@@ -155,7 +158,7 @@ class HFEngine(Engine):
             prefix_cache = PrefixCache(self.pool.rows)
         self.scheduler = Scheduler(
             slots,
-            max_batched_tokens=max(cfg.max_num_batched_tokens, slots),
+            max_batched_tokens=max(cfg.max_num_batched_tokens or DEFAULT_BATCHED_TOKENS, slots),
             step_time_ratio=cfg.step_time_ratio,
             move_slot=self.cache.move_slot,
             copy_prefix=self.cache.move_slot,  # copies positions [0, n) and leaves the source as it is

@@ -109,6 +109,8 @@ def build_engine_kwargs(
         "enable_log_requests": False,
         **lora_settings(adapters).engine_kwargs(),
     }
+    if config.max_num_batched_tokens is not None:
+        kwargs["max_num_batched_tokens"] = config.max_num_batched_tokens
     if on_gpu:
         kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
         if config.kv_cache_memory_gb is not None:

@@ -88,3 +88,115 @@ def _plan_of(load: StepLoad):
     plan = Plan()
     plan.load = load
     return plan
+
+
+def _decoding(s: Scheduler, n: int, prompt_len: int, tag: str) -> list[Sequence]:
+    """`n` sequences admitted into `s` and past their prompts (as the engine leaves them)."""
+    seqs = [_seq(prompt_len, f"{tag}{i}") for i in range(n)]
+    for seq in seqs:
+        s.add(seq)
+    s.schedule()
+    for seq in seqs:
+        seq.num_computed = prompt_len
+        seq.output_ids.append(1)
+    return seqs
+
+
+def _trained(s: Scheduler) -> Scheduler:
+    for load in steps(300):
+        s.record(_plan_of(load), machine(load))
+    return s
+
+
+def test_decode_rows_come_first_and_prompts_get_what_the_ratio_leaves():
+    for ratio in (0.0, 1.0, 2.0, 4.0):
+        s = _trained(Scheduler(16, max_batched_tokens=512, step_time_ratio=ratio))
+        streams = _decoding(s, 14, 400, "d")
+        s.add(_seq(300, "p1"))
+        s.add(_seq(300, "p2"))
+        plan = s.schedule()
+        # Every stream past its prompt decodes this step, however many prompt tokens wait.
+        assert plan.decode == streams and plan.decode_kv == 14 * 401
+        tokens = plan.load.prompt_tokens
+        if ratio == 0:
+            assert tokens == 512 - 14  # the old fixed budget: both prompts, most of the second
+            assert [c.length for c in plan.prefill] == [300, 198]
+        else:
+            # The step stays within `ratio` x the decode step of the full batch (16 rows)...
+            full = machine(StepLoad(16, 0, 16 * 401))
+            assert machine(plan.load) <= max(ratio * full * 1.1, machine(StepLoad(14, 16, 14 * 401)))
+            assert 16 <= tokens < 512 - 14
+            # ...and chunks go to the oldest prompt first.
+            assert plan.prefill[0].seq.request.request_id == "p1"
+    # A larger ratio admits prompts faster.
+    sizes = []
+    for ratio in (1.5, 2.0, 4.0):
+        s = _trained(Scheduler(16, max_batched_tokens=512, step_time_ratio=ratio))
+        _decoding(s, 14, 400, "d")
+        s.add(_seq(300, "p"))
+        sizes.append(s.schedule().load.prompt_tokens)
+    assert sizes == sorted(sizes) and sizes[0] < sizes[-1]
+
+
+def test_budget_stays_within_its_bounds_whatever_the_model_has_learned():
+    rng = random.Random(1)
+    for trial in range(200):
+        model = StepCostModel()
+        # Machines from 20x faster to 20x slower than the prior, some with near-free tokens.
+        speed, tok = rng.choice([0.05, 1.0, 20.0]), rng.choice([1e-7, 0.002])
+        for load in steps(rng.randint(0, 60), seed=trial):
+            t = speed * (0.2 + tok * (load.decode_rows + load.prompt_tokens) + 4e-6 * load.decode_kv)
+            model.observe(load, t * rng.choice([1, 1, 1, 5]))
+        rows = rng.randint(0, 64)
+        max_tokens = rng.choice([16, 64, 512, 2048])
+        ratio = rng.choice([0, 1, 1.5, 2, 10])
+        budget = prefill_budget(
+            model, rows, rows * rng.randint(1, 4000), max(rows, rng.randint(1, 64)),
+            ratio=ratio, max_tokens=max_tokens,
+        )  # fmt: skip
+        room = max(max_tokens - rows, 0)
+        assert budget <= room, (trial, budget, room)
+        # Prompts always progress while streams decode (min chunk), unless the cap leaves no room.
+        assert budget >= min(16, room), (trial, budget)
+        if rows == 0 or ratio == 0:
+            assert budget == room
+
+
+def test_budget_follows_a_machine_that_slows_down_for_good():
+    model = StepCostModel()
+    for load in steps(300):
+        model.observe(load, machine(load))
+    before = model.predict(StepLoad(16, 0, 4000))
+    # Another process now shares the cores: every step takes 1.8x as long (not a one-off stall).
+    # It follows within a few hundred steps (forgetting factor 0.995: a ~200-step memory).
+    loads = list(steps(600, seed=5))
+    for load in loads[:150]:
+        model.observe(load, 1.8 * machine(load))
+    assert model.predict(StepLoad(16, 0, 4000)) > 1.3 * before
+    for load in loads[150:]:
+        model.observe(load, 1.8 * machine(load))
+    assert model.predict(StepLoad(16, 0, 4000)) == pytest.approx(1.8 * before, rel=0.08)
+
+
+def test_scheduling_settings_are_validated_with_clear_errors(tmp_path, capsys):
+    from serve.cli import main
+    from serve.config import ConfigError, ServeConfig, load_config
+
+    cfg = ServeConfig()
+    assert (cfg.step_time_ratio, cfg.batch_wait_ms, cfg.max_num_batched_tokens) == (2.0, 20.0, None)
+    assert ServeConfig(step_time_ratio=0).step_time_ratio == 0  # off
+    bad = {
+        "step_time_ratio": (0.5, "use 0 (off"),
+        "step_time_ratio ": (float("nan"), "finite"),
+        "max_num_batched_tokens": (8, "greater than or equal to 16"),
+        "batch_wait_ms": (-1, "greater than or equal to 0"),
+    }
+    for key, (value, words) in bad.items():
+        path = tmp_path / "serve.yaml"
+        path.write_text(f"{key.strip()}: {value}\n")
+        with pytest.raises(ConfigError) as err:
+            load_config(path, {})
+        assert key.strip() in str(err.value) and words in str(err.value) and str(path) in str(err.value)
+    # From the command line: exit code 2 and the reason, before any weights load.
+    assert main(["--step-time-ratio", "0.5"]) == 2
+    assert "step_time_ratio" in capsys.readouterr().err

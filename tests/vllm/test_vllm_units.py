@@ -159,6 +159,10 @@ def test_engine_kwargs_on_cpu_use_float32_and_a_kv_budget_for_max_num_seqs(tmp_p
     per_token = 2 * 2 * 2 * 16 * 4  # K and V x layers x kv heads x head dim x fp32
     assert kw["kv_cache_memory_bytes"] == max(64 * 2**20, int(per_token * 2048 * 4 * 1.1))
     assert "gpu_memory_utilization" not in kw
+    # The step token cap is vLLM's own unless set; our engine's scheduling settings are not vLLM's.
+    assert "max_num_batched_tokens" not in kw
+    kw = build_engine_kwargs(cfg.model_copy(update={"max_num_batched_tokens": 256}), model, [], on_gpu=False)
+    assert kw["max_num_batched_tokens"] == 256
 
 
 def test_engine_kwargs_on_gpu_pass_memory_settings_and_clamp_the_context(tmp_path):
