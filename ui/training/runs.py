@@ -330,11 +330,15 @@ class RunManager:
             record.save()
             self._proc = None
         if record.status == "finished" and self.on_finished is not None:
+            served_as, note = None, None
             try:
-                record.served_as, record.serve_note = self.on_finished(record)
+                served_as, note = self.on_finished(record)
             except Exception as exc:  # the run itself succeeded; say why it is not served
-                record.serve_note = f"{type(exc).__name__}: {exc}"
-            record.save()
+                note = f"{type(exc).__name__}: {exc}"
+            # On disk first, then in memory: whoever sees `served_as` on the live record (the page's
+            # poll, a test) finds it in run.json too.
+            record.model_copy(update={"served_as": served_as, "serve_note": note}).save()
+            record.served_as, record.serve_note = served_as, note
 
     def _record(self, root: str | Path | None, name: str) -> RunRecord:
         for record in self.records():
