@@ -263,6 +263,9 @@ STRUCTURED_REQUESTS = {
         "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
         "tools": [WEATHER_TOOL],
         "tool_choice": "required",
+        # Exactly one call, then the end: with parallel calls allowed, the random adapter calls again
+        # and again until max_tokens (finish_reason "length"), which tests nothing about the format.
+        "parallel_tool_calls": False,
     },
 }
 
