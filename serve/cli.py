@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model-impl", choices=["auto", "native", "transformers"], help=f["model_impl"].description
     )
+    p.add_argument("--quantize", choices=["none", "int8"], help=f["quantize"].description)
     p.add_argument(
         "--allow-base-mismatch", action="store_true", default=None, help=f["allow_base_mismatch"].description
     )

@@ -26,7 +26,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 CATEGORIES = {
-    "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::addmm_"),
+    "matmul": (
+        "aten::mm",
+        "aten::addmm",
+        "aten::bmm",
+        "aten::linear",
+        "aten::addmm_",
+        "aten::_weight_int8pack_mm",
+    ),
     "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::index_copy_"),
     "sampling": ("aten::argmax", "aten::log_softmax", "aten::_log_softmax", "aten::topk", "aten::sort"),
 }
@@ -39,13 +46,15 @@ def _category(op: str) -> str:
     return "other ops"
 
 
-def load_engine(model: str, max_seqs: int, max_len: int):
+def load_engine(model: str, max_seqs: int, max_len: int, quantize: str = "none"):
     from serve.config import ServeConfig
     from serve.engine.hf import HFEngine
     from serve.models import resolve_model
 
     engine = HFEngine(
-        ServeConfig(model=model, max_num_seqs=max_seqs, max_model_len=max_len), resolve_model(model), []
+        ServeConfig(model=model, max_num_seqs=max_seqs, max_model_len=max_len, quantize=quantize),
+        resolve_model(model),
+        [],
     )
     engine.load()
     if engine.native is None:
@@ -147,9 +156,20 @@ def matmul_rates(denses, rows: int, passes: int = 3) -> list[dict]:
                 best = min(best, (time.perf_counter() - t0) / len(group))
             out.append({
                 "shape": [n, k], "copies": len(group), "us": best * 1e6,
-                "gflop_s": 2 * rows * n * k / best / 1e9, "weight_gb_s": 4 * n * k / best / 1e9,
+                "gflop_s": 2 * rows * n * k / best / 1e9,
+                "weight_gb_s": _bytes_read(group[0], rows) / best / 1e9,
             })  # fmt: skip
     return out
+
+
+def _bytes_read(dense, rows: int) -> int:
+    """Weight bytes one matmul reads: 1 per int8 weight on the int8 kernel, 2 on its bf16 copy."""
+    from serve.engine.gemm import INT8_KERNEL_MAX_ROWS, Int8Dense
+
+    n, k = dense.shape
+    if isinstance(dense, Int8Dense):
+        return n * k * (1 if rows <= INT8_KERNEL_MAX_ROWS else 2)
+    return n * k * dense.weight.element_size()
 
 
 def render(results: list[dict]) -> str:
@@ -178,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", default="1,16", help="comma-separated decode batch sizes")
     p.add_argument("--context", type=int, default=192, help="positions already in each sequence's cache")
     p.add_argument("--steps", type=int, default=20, help="timed steps per batch size")
+    p.add_argument("--quantize", choices=["none", "int8"], default="none", help="as llm-serve --quantize")
     p.add_argument("--out-dir", type=Path, default=Path("artifacts/bench"))
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as llm-serve sets it
@@ -187,14 +208,14 @@ def main(argv: list[str] | None = None) -> int:
         batches = [int(b) for b in args.batch.split(",") if b.strip()]
         if not batches or min(batches) < 1:
             raise ValueError("--batch needs positive integers")
-        engine = load_engine(args.model, max(batches), args.context + 64)
-    except (ValueError, OSError) as exc:
+        engine = load_engine(args.model, max(batches), args.context + 64, args.quantize)
+    except (ValueError, OSError) as exc:  # QuantizationError is a ValueError
         print(f"error: {exc}", file=sys.stderr)
         return 1
     results = [profile_batch(engine, b, args.context, args.steps) for b in batches]
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = args.out_dir / f"decode-profile-{stamp}.json"
-    write_json_atomic(out, {"model": args.model, "results": results})
+    write_json_atomic(out, {"model": args.model, "quantize": args.quantize, "results": results})
     print(render(results))
     print(f"\nwrote {out}")
     return 0

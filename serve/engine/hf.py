@@ -177,24 +177,32 @@ class HFEngine(Engine):
     def _build_native(self, model):
         """The native decoder with every adapter loaded, or None to run transformers' code."""
         from serve.engine import llama
-        from serve.engine.gemm import tune_single_row
+        from serve.engine.gemm import Dense, QuantizationError, check_int8_support, tune_single_row
 
-        impl = self.config.model_impl
+        impl, quantize = self.config.model_impl, self.config.quantize
         reason = (
             "model_impl=transformers"
             if impl == "transformers"
             else llama.unsupported_reason(model, self.max_model_len)
         )
         if reason is not None:
+            if quantize != "none":
+                raise QuantizationError(
+                    f"quantize={quantize} needs the native decoder, which cannot run this model: {reason}"
+                )
             if impl == "native":
                 raise ValueError(f"model_impl=native cannot run this model: {reason}; use --model-impl auto")
             logger.info("running transformers' modeling code (%s)", reason)
             return None
+        if quantize == "int8":
+            if next(model.parameters()).device.type != "cpu":
+                raise QuantizationError("quantize=int8 runs on CPU only; use --device cpu or --quantize none")
+            check_int8_support()
         native = llama.NativeLlama(model, self.lora_ctx, self.max_model_len)
         for index, spec in enumerate(self.adapter_specs):
             native.add_adapter(index, spec.name, spec.path)
-        native.finalize()
-        extra = tune_single_row(native.denses())
+        native.finalize(quantize=quantize)
+        extra = tune_single_row([d for d in native.denses() if isinstance(d, Dense)])
         if extra:
             logger.info("one-row matmuls: %.0f MB of transposed weight copies", extra / 2**20)
         return native

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from serve.engine.gemm import Dense
+from serve.engine.gemm import Dense, Int8Dense
 from serve.engine.kv_cache import StepLayout, attend
 from serve.engine.lora import (
     LoRAContext,
@@ -69,6 +69,10 @@ class Projection:
     gets `x @ A.T` from the same matmul as the base output (one BLAS call instead of two); then one
     `addmm` adds `B @ xA` (the row's own adapter's columns only, by mask, when adapters mix). Packed
     projections (q/k/v) get a block B. Base-only steps read just the base rows.
+
+    Quantized (`finalize(quantize=True)`): the base rows become an `Int8Dense` and the A matrices
+    stay in float beside it (`a_cat`, one extra small matmul on steps with adapter rows), so
+    adapters add exactly the float delta they add to the f32 model.
     """
 
     def __init__(self, parts: dict[str, tuple[nn.Linear, torch.Tensor | None]], ctx: LoRAContext):
@@ -87,7 +91,9 @@ class Projection:
         self.bias = (torch.cat(biases) if len(biases) > 1 else biases[0]) if has_bias else None
         self.out_features = start
         self.ctx = ctx
-        self.dense: Dense | None = None  # built by `finalize`, once every adapter is known
+        self.dense: Dense | Int8Dense | None = None  # built by `finalize`, once every adapter is known
+        self.quantized = False
+        self.a_cat: torch.Tensor | None = None  # quantized only: every adapter's A, `[sum r, in]`
         self.lora_a: dict[int, torch.Tensor] = {}  # adapter index -> [r, in]
         self.lora_b: dict[int, torch.Tensor] = {}  # adapter index -> [out, r], scaled, block for packed parts
         self.columns: dict[int, tuple[int, int]] = {}  # adapter index -> (first lead row, rank)
@@ -106,20 +112,28 @@ class Projection:
         self.lora_a[index] = torch.cat([a for a, _ in ab.values()]).to(w)
         self.lora_b[index] = b_block.contiguous()
 
-    def finalize(self) -> None:
+    def finalize(self, quantize: bool = False) -> None:
         """Build the one weight: every adapter's A stacked above the packed base rows (one copy;
         a copy even for a lone Linear: transformers may load the checkpoint as one buffer, which
-        would stay alive, whole, while any tensor viewing it does)."""
+        would stay alive, whole, while any tensor viewing it does). Quantized: the base rows in
+        int8, the A matrices in float beside them."""
         order = sorted(self.lora_a)
         lead = 0
         for i in order:
             self.columns[i] = (lead, self.lora_a[i].shape[0])
             lead += self.lora_a[i].shape[0]
-        rows = [*(self.lora_a[i] for i in order), *self.pieces]
-        self.dense = Dense(torch.cat(rows) if len(rows) > 1 else rows[0].clone(), self.bias, lead=lead)
+        device = self.pieces[0].device
+        if quantize:
+            self.quantized = True
+            base = torch.cat(self.pieces) if len(self.pieces) > 1 else self.pieces[0]
+            self.dense = Int8Dense(base, self.bias)
+            if order:
+                self.a_cat = torch.cat([self.lora_a[i] for i in order]).contiguous()
+        else:
+            rows = [*(self.lora_a[i] for i in order), *self.pieces]
+            self.dense = Dense(torch.cat(rows) if len(rows) > 1 else rows[0].clone(), self.bias, lead=lead)
         self.pieces = []
         if order:
-            device = self.dense.weight.device
             self.b_cat = torch.cat([self.lora_b[i] for i in order], dim=1).contiguous()
             self.col_adapter = self.ctx.shared(column_owners({i: self.columns[i][1] for i in order}, device))
 
@@ -128,6 +142,14 @@ class Projection:
         single = ctx.single
         if not self.columns or (single is not None and single not in self.columns):
             return dense(x)  # base rows only, or an adapter that does not target this projection
+        if self.quantized:
+            y = dense(x)  # [M, N], bias added
+            if single is not None:
+                first, r = self.columns[single]
+                xa = x @ self.a_cat[first : first + r].t()
+                return y.addmm_(xa, self.lora_b[single].t())
+            xa = (x @ self.a_cat.t()) * ctx.mask_for(self.col_adapter, x.dtype)
+            return y.addmm_(xa, self.b_cat.t())
         full, transposed = dense.with_lead(x)
         lead = dense.lead
         if transposed:  # [lead + N, M]
@@ -204,7 +226,7 @@ class NativeLlama:
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head_dense(hidden).contiguous()
 
-    def denses(self) -> list[Dense]:
+    def denses(self) -> list[Dense | Int8Dense]:
         out = [self.lm_head_dense]
         for layer in self.layers:
             out += [layer.qkv.dense, layer.o.dense, layer.gate_up.dense, layer.down.dense]
@@ -228,11 +250,17 @@ class NativeLlama:
         for proj, ab in per_projection.values():
             proj.add_adapter(index, ab)
 
-    def finalize(self) -> None:
-        """Build every projection's weight; call once, after `add_adapter` for each adapter."""
+    def finalize(self, quantize: str = "none", quantize_lm_head: bool = False) -> None:
+        """Build every projection's weight; call once, after `add_adapter` for each adapter.
+
+        `quantize="int8"`: weight-only int8 for the attention and MLP projections (the embedding,
+        norms and, unless `quantize_lm_head`, the LM head stay in float)."""
+        int8 = quantize == "int8"
         for layer in self.layers:
             for proj in (layer.qkv, layer.o, layer.gate_up, layer.down):
-                proj.finalize()
+                proj.finalize(quantize=int8)
+        if int8 and quantize_lm_head:
+            self.lm_head_dense = Int8Dense(self.lm_head_dense.weight)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, layout: StepLayout) -> torch.Tensor:
         t, d, nq, nkv = input_ids.shape[0], self.head_dim, self.heads, self.kv_heads

@@ -26,7 +26,13 @@ def test_bench_writes_json_ratios_and_table(tmp_path, monkeypatch, capsys):
         (tmp_path / name).mkdir()
         (tmp_path / name / "adapter_config.json").write_text("{}")
         adapters += ["--adapter", f"{name}={tmp_path / name}"]
-    monkeypatch.setattr(peers, "ours_spec", lambda model, ads, seqs, **kw: _fake("ours", "0.001", tuple(ads)))
+    ours_extra = {}
+
+    def ours_spec(model, ads, seqs, name="ours", extra=(), **kw):
+        ours_extra[name] = list(extra)
+        return _fake(name, "0.001", tuple(ads))
+
+    monkeypatch.setattr(peers, "ours_spec", ours_spec)
     monkeypatch.setattr(peers, "llamafactory_spec", lambda *a: _fake("llamafactory", "0.004", ()))
     monkeypatch.setattr(peers, "vllm_venv_ready", lambda *a: False)
     # llama.cpp: a "built" binary, a GGUF written for it, and a fake standing in for llama-server.
@@ -35,7 +41,7 @@ def test_bench_writes_json_ratios_and_table(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(llama_cpp, "gguf_for", lambda m, qtype, d: gguf_types.append(qtype) or d / "x.gguf")
     monkeypatch.setattr(peers, "llama_cpp_spec", lambda name, *a, **kw: _fake(name, "0.01", ()))
     out = tmp_path / "bench"
-    argv = ["--quick", "--targets", "ours,llamafactory,vllm-cpu,llama-cpp", "--out-dir", str(out), *adapters,
+    argv = ["--quick", "--targets", "ours,ours-int8,llamafactory,vllm-cpu,llama-cpp", "--out-dir", str(out), *adapters,
             "--output-len", "8", "--prompt-len", "32", "--single-prompt-len", "16",
             "--memory-prompt-len", "16", "--memory-output-len", "4", "--llamafactory-max-requests", "3",
             "--multiturn-conversations", "3", "--multiturn-turns", "3", "--multiturn-user-len", "10"]  # fmt: skip
@@ -46,6 +52,9 @@ def test_bench_writes_json_ratios_and_table(tmp_path, monkeypatch, capsys):
     ours, lf = data["targets"]["ours"], data["targets"]["llamafactory"]
     assert ours["status"] == "ok" and lf["status"] == "ok"
     assert data["targets"]["vllm-cpu"]["status"] == "skipped"
+    assert ours_extra == {"ours": [], "ours-int8": ["--quantize", "int8"]}
+    # ours-int8 runs what ours runs but the 1,000-request memory scenario (ours only).
+    assert set(data["targets"]["ours-int8"]["scenarios"]) == set(ours["scenarios"]) - {"memory"}
     assert gguf_types == ["f32", "q8_0"]  # `llama-cpp` stands for both targets
     for name in ("llama-cpp-f32", "llama-cpp-q8_0"):  # base model only: no adapter or memory scenarios
         assert set(data["targets"][name]["scenarios"]) == {"single", "c8", "c16", "multiturn", "c16_json"}
