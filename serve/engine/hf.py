@@ -169,7 +169,8 @@ class HFEngine(Engine):
         logger.info(
             "loaded %s on %s (%s, %s) in %.1f s; %d adapters; %d slots x %d tokens (KV %.2f GiB max); "
             "prefix cache %d tokens (%.2f GiB)",
-            self.resolved.served_id, device, str(dtype).removeprefix("torch."), self.impl, time.monotonic() - t0,
+            self.resolved.served_id, device, str(dtype).removeprefix("torch."),
+            self.impl if cfg.quantize == "none" else f"{self.impl}, {cfg.quantize} projections", time.monotonic() - t0,
             len(self.adapter_specs), slots, self.max_model_len, per_slot * slots / 2**30,
             self.pool.rows if self.pool else 0, self.pool.nbytes / 2**30 if self.pool else 0.0,
         )  # fmt: skip

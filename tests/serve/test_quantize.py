@@ -111,3 +111,39 @@ def test_int8_drift_on_the_default_model():
     assert r["median_abs_logit_diff"] < 1.5, r
     assert r["top1_agreement"] > 0.9, r
     assert r["greedy_equal_prefix_mean"] >= 8, r
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_server_with_int8_answers_base_and_adapter(default_model, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import openai
+
+    from tests.helpers.server import start_server
+
+    llm_serve = str(Path(sys.executable).parent / "llm-serve")
+    refused = subprocess.run(
+        [llm_serve, "--quantize", "int8", "--model-impl", "transformers"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert refused.returncode == 2 and "quantize=int8 needs the native decoder" in refused.stderr
+    adapter = make_lora_adapter(default_model.path, tmp_path / "persona", seed=3, scale=0.02)
+    with start_server(["--quantize", "int8", "--adapter", f"persona={adapter}", "--max-num-seqs", "4"]) as s:
+        client = openai.OpenAI(base_url=s.base_url + "/v1", api_key="none", max_retries=0, timeout=300)
+        question = [{"role": "user", "content": "What is the capital of France?"}]
+        replies = {
+            model: client.chat.completions.create(
+                model=model, messages=question, max_tokens=16, temperature=0
+            )
+            for model in ("SmolLM2-135M-Instruct", "persona")
+        }
+        assert "Paris" in replies["SmolLM2-135M-Instruct"].choices[0].message.content
+        tuned = replies["persona"].choices[0].message.content
+        assert replies["persona"].model == "persona" and tuned
+        assert tuned != replies["SmolLM2-135M-Instruct"].choices[0].message.content  # the adapter applied
+        assert "int8" in s.log()  # the load line says what runs
