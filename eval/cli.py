@@ -90,65 +90,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace):
-    """Defaults < --config YAML < flags."""
-    import yaml
-
+    """Defaults < --config YAML < flags (serve.settings); a misspelt key in the YAML is an error."""
     from eval.config import EvalConfig
+    from serve.settings import load_settings
 
-    values: dict = {}
-    if args.config:
-        values = yaml.safe_load(Path(args.config).read_text()) or {}
-        if not isinstance(values, dict):
-            raise ValueError(f"{args.config} must be a YAML mapping of llm-eval options")
-    flags = {k: v for k, v in vars(args).items() if v is not None and k not in ("config", "quiet")}
-    if "tasks" in flags:
+    flags = {k: v for k, v in vars(args).items() if k not in ("config", "quiet")}
+    if flags.get("tasks") is not None:
         flags["tasks"] = [t.strip() for t in flags["tasks"].split(",") if t.strip()]
-    return EvalConfig(**(values | flags))
+    return load_settings(EvalConfig, args.config, flags, prog="llm-eval")
 
 
 def main(argv: list[str] | None = None) -> int:
+    from serve.cli_runner import run_cli
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # ValueError: lm-eval and the data readers raise it for bad task names, files and values.
+    return run_cli("llm-eval", lambda: _run(args), also=(ValueError,))
 
-    from pydantic import ValidationError
 
-    from eval.pipeline import OutputExistsError, run_eval
-    from eval.refdata import ReferenceDataError
-    from eval.targets import TargetError
-    from eval.tasks import TaskError
-    from serve.adapters import AdapterError
-    from serve.models import ModelNotFoundError
-    from train.reward_model import RewardModelError
+def _run(args: argparse.Namespace) -> int:
+    from eval.pipeline import run_eval
 
-    try:
-        cfg = config_from_args(args)
-        results = run_eval(cfg, log=lambda m: print(m, file=sys.stderr))
-    except ValidationError as exc:
-        msgs = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'options'}: {e['msg']}" for e in exc.errors())
-        print(f"llm-eval: {msgs}", file=sys.stderr)
-        return 2
-    except (
-        TargetError,
-        TaskError,
-        ReferenceDataError,
-        AdapterError,
-        ModelNotFoundError,
-        OutputExistsError,
-        RewardModelError,
-        ValueError,
-    ) as exc:
-        print(f"llm-eval: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("llm-eval: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:
-        print(f"llm-eval: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+    cfg = config_from_args(args)
+    results = run_eval(cfg, log=lambda m: print(m, file=sys.stderr))
     print(summary(results))
     print(f"report: {cfg.out / 'report.html'} (also report.md, results.json)")
     return 0

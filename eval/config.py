@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 def default_cache_dir() -> Path:
@@ -19,6 +19,8 @@ def default_cache_dir() -> Path:
 
 class EvalConfig(BaseModel):
     """Everything one `llm-eval` run needs."""
+
+    model_config = ConfigDict(extra="forbid")
 
     model: str = Field(
         "default",

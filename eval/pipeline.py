@@ -11,8 +11,6 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
-import shutil
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,9 +21,11 @@ from eval.refdata import read_reference_set
 from eval.report import loss_history, write_report
 from eval.targets import Target, check_api_extras, local_targets, normalize_base_url, server_targets
 from eval.tasks import load_suite, plan_tasks, run_local, run_server
+from serve.artifacts.publish import publish_dir, staged_dir
+from serve.cli_runner import UserError
 
 
-class OutputExistsError(FileExistsError):
+class OutputExistsError(UserError, FileExistsError):
     """--out is a non-empty directory and --overwrite was not given."""
 
 
@@ -90,7 +90,7 @@ def run_eval(cfg: EvalConfig, log=print) -> dict:
                 "is_base": t.is_base,
                 "what": t.describe(),
                 "fingerprint": t.fingerprint,
-                "loss": loss_history(t.manifest, t.adapter_path),
+                "loss": loss_history(t.adapter_path),
             }
             for t in targets
         ],
@@ -242,11 +242,8 @@ def _judge(cfg: EvalConfig, examples, replies: dict[str, list]) -> dict:
 
 
 def _write(cfg: EvalConfig, results: dict, task_samples: dict, replies: dict, examples) -> None:
-    """Everything goes into a temporary sibling directory that replaces --out when complete."""
-    out = cfg.out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    """Everything goes into a staging sibling directory that replaces --out when complete."""
+    with staged_dir(cfg.out) as tmp:
         (tmp / "samples").mkdir()
         files = []
         for name, gens in replies.items():
@@ -272,16 +269,7 @@ def _write(cfg: EvalConfig, results: dict, task_samples: dict, replies: dict, ex
                 files.append(rel)
         results["files"] = {"samples": files}
         write_report(results, tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        publish_dir(tmp, cfg.out)
 
 
 def _short(text: str) -> str:

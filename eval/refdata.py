@@ -15,8 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from serve.cli_runner import UserError
 
-class ReferenceDataError(ValueError):
+
+class ReferenceDataError(UserError, ValueError):
     """The reference set cannot be used; the message names the file, the row and what to do."""
 
 
@@ -77,7 +79,7 @@ def read_reference_set(path: Path, limit: int | None = None) -> list[ReferenceEx
 
 def _entry_and_format(path: Path, first: tuple[int, dict]):
     """The dataset_info.json entry registered for this file, else the format its first row shows."""
-    from train.data.entry import DatasetEntry, DatasetInfoError, load_dataset_info
+    from serve.artifacts.dataset_registry import DatasetEntry, DatasetInfoError, load_dataset_info
     from train.data.formats import detect_format, format_for_entry
 
     try:

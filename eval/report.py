@@ -1,8 +1,8 @@
 """Write an evaluation's outputs: results.json, report.md, report.html and PNG plots.
 
 Plots (matplotlib, Agg backend): task metrics per target side by side with 95% intervals, style
-metrics per target, throughput, and each adapter's training loss curve when its run_manifest.json
-(or LLaMA-Factory's trainer_log.jsonl beside it) records one. The HTML embeds the same PNG files.
+metrics per target, throughput, and each adapter's training loss curve when its folder has
+LLaMA-Factory's trainer log (serve.artifacts.trainer_log). The HTML embeds the same PNG files.
 
     write_report(results, out_dir)   # results: the dict `eval.cli` builds
 """
@@ -10,10 +10,10 @@ metrics per target, throughput, and each adapter's training loss curve when its 
 from __future__ import annotations
 
 import html
-import json
 import math
 from pathlib import Path
 
+from serve.artifacts.trainer_log import loss_curves, read_trainer_log
 from serve.atomic import write_json_atomic, write_text_atomic
 
 STYLE_PLOT_METRICS = ("chrf", "rouge_l", "embedding_sim", "style_proba", "distinct_2", "length_ratio")
@@ -30,60 +30,9 @@ STYLE_LABELS = {
 }
 
 
-def loss_history(
-    manifest: dict | None, adapter_path: Path | None = None
-) -> dict[str, list[tuple[float, float]]]:
-    """`{"train": [(step, loss), ...], "eval": [...]}` from a run manifest or trainer logs, if any."""
-    rows: list[dict] = []
-    if manifest:
-        rows = _find_loss_rows(manifest)
-    if not rows and adapter_path is not None:
-        rows = _trainer_log_rows(Path(adapter_path))
-    curves: dict[str, list[tuple[float, float]]] = {"train": [], "eval": []}
-    for i, row in enumerate(rows):
-        step = row.get("step", row.get("current_steps", row.get("global_step", i + 1)))
-        for key, curve in (("loss", "train"), ("train_loss", "train"), ("eval_loss", "eval")):
-            value = row.get(key)
-            if isinstance(value, (int, float)) and isinstance(step, (int, float)) and math.isfinite(value):
-                curves[curve].append((float(step), float(value)))
-                break
-    return {k: v for k, v in curves.items() if v}
-
-
-def _find_loss_rows(obj, depth: int = 0) -> list[dict]:
-    # Manifests differ in where they keep the history; take the longest list of dicts with a loss.
-    best: list[dict] = []
-    if depth > 3:
-        return best
-    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, list) else []
-    is_rows = isinstance(obj, list) and obj and all(isinstance(r, dict) for r in obj)
-    if is_rows and any(k in r for r in obj for k in ("loss", "eval_loss", "train_loss")):
-        return obj
-    for value in values:
-        if isinstance(value, (dict, list)):
-            found = _find_loss_rows(value, depth + 1)
-            if len(found) > len(best):
-                best = found
-    return best
-
-
-def _trainer_log_rows(path: Path) -> list[dict]:
-    log = path / "trainer_log.jsonl"
-    if log.is_file():
-        out = []
-        for line in log.read_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-        return out
-    state = path / "trainer_state.json"
-    if state.is_file():
-        try:
-            return list(json.loads(state.read_text()).get("log_history", []))
-        except (json.JSONDecodeError, AttributeError):
-            return []
-    return []
+def loss_history(adapter_path: Path | None) -> dict[str, list[tuple[float, float]]]:
+    """`{"train": [(step, loss), ...], "eval": [...]}` from the adapter folder's trainer log, if any."""
+    return loss_curves(read_trainer_log(adapter_path)) if adapter_path is not None else {}
 
 
 def write_report(results: dict, out: Path) -> dict[str, Path]:
@@ -186,7 +135,7 @@ def _plots(results: dict, out: Path) -> dict[str, Path]:
                 )
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
-        ax.set_title("Training loss (from run_manifest.json)")
+        ax.set_title("Training loss (from trainer_log.jsonl)")
         ax.legend(fontsize=8)
         plots["loss"] = _save(fig, out / "loss.png")
 

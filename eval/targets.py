@@ -11,13 +11,16 @@ Each target has a fingerprint that keys the generation cache.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from serve.artifacts.provenance import file_sha256
+from serve.artifacts.run_manifest import RunManifest, read_manifest
+from serve.cli_runner import UserError
 
-class TargetError(ValueError):
+
+class TargetError(UserError, ValueError):
     """A target cannot be scored; the message says which and what to do."""
 
 
@@ -32,7 +35,7 @@ class Target:
     model_path: Path | None = None  # local base checkpoint
     adapter_path: Path | None = None  # local PEFT directory
     model_id: str | None = None  # id on the server
-    manifest: dict | None = field(default=None, repr=False)  # adapter's run_manifest.json
+    manifest: RunManifest | None = field(default=None, repr=False)  # adapter's run_manifest.json
 
     def describe(self) -> str:
         if self.kind == "server":
@@ -56,9 +59,7 @@ def local_targets(model: str, adapters: list[str], allow_base_mismatch: bool = F
             raise TargetError(f"adapter name {name!r} is used twice (or is 'base'); give --adapter NAME=PATH")
         spec = load_adapter_spec(name, path)
         check_base_match(spec, aliases, allow_base_mismatch)
-        fingerprint = (
-            f"local:{_dir_fingerprint(resolved.path)}+{_file_sha(spec.path / 'adapter_model.safetensors')}"
-        )
+        fingerprint = f"local:{_dir_fingerprint(resolved.path)}+{file_sha256(spec.path / 'adapter_model.safetensors')[:16]}"
         targets.append(
             Target(name, "local", False, fingerprint, resolved.path, spec.path, manifest=spec.manifest)
         )
@@ -87,7 +88,7 @@ def server_targets(
             )
         # a local copy of a served adapter is only read for its training manifest and loss log
         local = Path(path) if path else None
-        manifest = _read_manifest(local) if local else None
+        manifest = read_manifest(local) if local else None
         fingerprint = f"server:{base_url}:{name}"
         targets.append(
             Target(name, "server", False, fingerprint, None, local, model_id=name, manifest=manifest)
@@ -138,13 +139,6 @@ def normalize_base_url(url: str) -> str:
     return url[: -len("/v1")] if url.endswith("/v1") else url
 
 
-def _read_manifest(path: Path) -> dict | None:
-    try:
-        return json.loads((path / "run_manifest.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
 def _dir_fingerprint(path: Path) -> str:
     """Cheap identity of a checkpoint: its path, config and weight files' sizes and mtimes."""
     parts = [str(path.resolve())]
@@ -153,11 +147,3 @@ def _dir_fingerprint(path: Path) -> str:
             st = f.stat()
             parts.append(f"{f.name}:{st.st_size}:{int(st.st_mtime)}")
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
-
-
-def _file_sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]

@@ -25,11 +25,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from serve.cli_runner import UserError
+
 SUITES_DIR = Path(__file__).resolve().parent / "suites"
 LOGLIKELIHOOD_TYPES = {"multiple_choice", "loglikelihood", "loglikelihood_rolling"}
 
 
-class TaskError(ValueError):
+class TaskError(UserError, ValueError):
     """A task or suite cannot be used; the message says which and what exists."""
 
 

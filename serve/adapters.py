@@ -3,20 +3,31 @@
 `--adapter [NAME=]PATH` becomes an `AdapterSpec` after these checks: the directory holds
 `adapter_config.json` and `adapter_model.safetensors` (pickled `.bin` weights are refused), the
 adapter was trained on the served base (or `--allow-base-mismatch`), and its chat template, if it
-ships one, is picked up so the adapter is served with the template it was trained with.
+ships one, is picked up so the adapter is served with the template it was trained with. What an
+adapter folder holds and who reads each file: serve.artifacts.model_folder (which reads it here).
 """
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from serve.artifacts.model_folder import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    FolderError,
+    FolderFacts,
+    read_adapter_config,
+    read_folder,
+)
+from serve.artifacts.run_manifest import ManifestError, RunManifest
+from serve.cli_runner import UserError
+
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$")
 
 
-class AdapterError(ValueError):
+class AdapterError(UserError, ValueError):
     """An adapter cannot be served; the message says which file and what to do."""
 
 
@@ -29,7 +40,8 @@ class AdapterSpec:
     alpha: float
     target_modules: list[str]
     chat_template: str | None = None  # from the adapter dir, when it ships a tokenizer config
-    manifest: dict | None = None  # run_manifest.json written by llm-train, when present
+    manifest: RunManifest | None = None  # run_manifest.json written by llm-train, when present
+    facts: FolderFacts | None = field(default=None, repr=False)  # everything else the folder says
     extra: dict = field(default_factory=dict)
 
 
@@ -50,59 +62,39 @@ def load_adapter_spec(name: str, path: Path) -> AdapterSpec:
     """Read and check an adapter directory; raises AdapterError naming the problem."""
     if not path.is_dir():
         raise AdapterError(f"adapter {name!r}: {path} is not a directory (train one with `llm-train`)")
-    cfg_path = path / "adapter_config.json"
+    cfg_path = path / ADAPTER_CONFIG
     if not cfg_path.is_file():
         present = ", ".join(sorted(p.name for p in path.iterdir())[:10]) or "nothing"
         raise AdapterError(
             f"adapter {name!r}: {cfg_path} is missing (found: {present}); point --adapter at the "
             "directory llm-train or PEFT's save_pretrained wrote"
         )
-    if not (path / "adapter_model.safetensors").is_file():
+    if not (path / ADAPTER_WEIGHTS).is_file():
         if (path / "adapter_model.bin").is_file():
             raise AdapterError(
                 f"adapter {name!r}: {path / 'adapter_model.bin'} is a pickled checkpoint, which is "
                 "refused because loading it can run code; re-save it with safetensors "
                 "(PeftModel.save_pretrained(dir, safe_serialization=True))"
             )
-        raise AdapterError(f"adapter {name!r}: {path / 'adapter_model.safetensors'} is missing")
+        raise AdapterError(f"adapter {name!r}: {path / ADAPTER_WEIGHTS} is missing")
     try:
-        cfg = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterError(f"adapter {name!r}: {cfg_path} is not valid JSON ({exc})") from exc
-    if cfg.get("peft_type", "LORA") != "LORA":
-        raise AdapterError(f"adapter {name!r}: peft_type {cfg.get('peft_type')!r} is not LoRA")
-    targets = cfg.get("target_modules") or []
-    manifest = None
-    if (path / "run_manifest.json").is_file():
-        try:
-            manifest = json.loads((path / "run_manifest.json").read_text())
-        except json.JSONDecodeError:
-            manifest = None
+        cfg = read_adapter_config(path)
+        facts = read_folder(path)
+    except (FolderError, ManifestError) as exc:
+        raise AdapterError(f"adapter {name!r}: {exc}") from exc
+    if cfg.peft_type != "LORA":
+        raise AdapterError(f"adapter {name!r}: peft_type {cfg.peft_type!r} is not LoRA")
     return AdapterSpec(
         name=name,
         path=path.resolve(),
-        base_model=str(cfg.get("base_model_name_or_path") or ""),
-        rank=int(cfg.get("r", 8)),
-        alpha=float(cfg.get("lora_alpha", cfg.get("r", 8))),
-        target_modules=[targets] if isinstance(targets, str) else list(targets),
-        chat_template=_adapter_chat_template(path),
-        manifest=manifest,
+        base_model=cfg.base_model,
+        rank=cfg.rank,
+        alpha=cfg.alpha,
+        target_modules=cfg.target_modules,
+        chat_template=facts.chat_template,
+        manifest=facts.manifest,
+        facts=facts,
     )
-
-
-def _adapter_chat_template(path: Path) -> str | None:
-    jinja = path / "chat_template.jinja"
-    if jinja.is_file():
-        return jinja.read_text()
-    tok_cfg = path / "tokenizer_config.json"
-    if tok_cfg.is_file():
-        try:
-            tpl = json.loads(tok_cfg.read_text()).get("chat_template")
-        except json.JSONDecodeError:
-            return None
-        if isinstance(tpl, str):
-            return tpl
-    return None
 
 
 def base_aliases(model_name: str, model_path: Path, served_id: str) -> set[str]:
@@ -117,10 +109,9 @@ def check_base_match(spec: AdapterSpec, aliases: set[str], allow_mismatch: bool)
     base = spec.base_model.rstrip("/")
     if not base or allow_mismatch:
         return
-    manifest_base = (spec.manifest or {}).get("base_model", {})
     candidates = {base, Path(base).name}
-    if isinstance(manifest_base, dict):
-        candidates |= {str(manifest_base.get("name", "")), str(manifest_base.get("path", ""))}
+    if spec.manifest is not None:
+        candidates |= {spec.manifest.base_model.name, spec.manifest.base_model.path}
     if candidates & aliases:
         return
     raise AdapterError(

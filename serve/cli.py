@@ -11,7 +11,8 @@ import logging
 import os
 import sys
 
-from serve.config import ConfigError, ServeConfig, load_config
+from serve.cli_runner import UserError, run_cli
+from serve.config import ServeConfig, load_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,25 +70,21 @@ def main(argv: list[str] | None = None) -> int:
     # whenever another process holds a core (measured on the 2-core machine); sleeping waits do not.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = vars(build_parser().parse_args(argv))
-    config_path = args.pop("config")
-    try:
-        config = load_config(config_path, args)
-    except ConfigError as exc:
-        print(f"llm-serve: {exc}", file=sys.stderr)
-        return 2
+    return run_cli("llm-serve", lambda: _serve(args))
+
+
+def _serve(args: dict) -> int:
+    config = load_config(args.pop("config"), args)
     logging.basicConfig(
         level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    warning = open_to_network_warning(config.host, config.resolved_api_key())
+    if warning:
+        print(f"llm-serve: warning: {warning}", file=sys.stderr, flush=True)
 
-    from serve.adapters import AdapterError
-    from serve.models import ModelNotFoundError
     from serve.preflight import preflight
 
-    try:
-        model, adapters = preflight(config)
-    except (AdapterError, ModelNotFoundError) as exc:
-        print(f"llm-serve: {exc}", file=sys.stderr)
-        return 2
+    model, adapters = preflight(config)
 
     import uvicorn
 
@@ -97,9 +94,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         engine = create_engine(config, model, adapters)
-    except (AdapterError, RuntimeError, ValueError) as exc:  # e.g. vLLM missing or an adapter vLLM refuses
-        print(f"llm-serve: {exc}", file=sys.stderr)
-        return 2
+    except (RuntimeError, ValueError) as exc:  # e.g. vLLM missing or an adapter vLLM refuses
+        raise UserError(str(exc)) from exc
     base_id = config.served_model_name or model.served_id
 
     def make_served(eng) -> ServedModels:
@@ -129,6 +125,27 @@ def main(argv: list[str] | None = None) -> int:
         timeout_graceful_shutdown=config.shutdown_timeout,
     )
     return 0
+
+
+def open_to_network_warning(host: str, api_key: str | None) -> str | None:
+    """What to tell a user who serves beyond this machine without a key (None when loopback or keyed)."""
+    if api_key or _is_loopback(host):
+        return None
+    return (
+        f"listening on {host} without --api-key: anyone who can reach this address can generate text "
+        "and use the tokenizer; pass --api-key KEY (or set LLM_SERVE_API_KEY), or --host 127.0.0.1"
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to any interface
 
 
 def _free_port(host: str) -> int:

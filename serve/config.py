@@ -1,21 +1,43 @@
-"""Typed settings for `llm-serve`: defaults < `--config YAML` < command-line flags.
+"""Typed settings for `llm-serve`: defaults < `--config YAML` < command-line flags (serve.settings).
 
-Cheap checks run here, before any weights load (vLLM's "validate before loading" discipline).
+Cheap checks run here, before any weights load (vLLM's "validate before loading" discipline). The
+serving defaults both engines share live here too: the context cap and what `dtype: auto` means.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-M = TypeVar("M", bound=BaseModel)
+from serve.settings import SettingsError, load_settings
+
+#: Context cap when --max-model-len is not given (both engines; never beyond the model's own).
+DEFAULT_MAX_MODEL_LEN = 4096
 
 
-class ConfigError(ValueError):
+def resolve_max_model_len(requested: int | None, model_max: int | None) -> int:
+    """--max-model-len, else the model's context capped at DEFAULT_MAX_MODEL_LEN; never beyond the model's."""
+    limit = int(model_max or DEFAULT_MAX_MODEL_LEN)
+    return min(requested or min(limit, DEFAULT_MAX_MODEL_LEN), limit)
+
+
+def resolve_dtype(dtype: str, *, on_gpu: bool, engine: str = "hf") -> str:
+    """What `dtype: auto` means, for both engines.
+
+    On CPU float32 (bf16 is emulated there, ~6x slower). On GPU the HF engine computes in bfloat16;
+    vLLM gets `auto` and applies its own rule (bf16 checkpoints in bf16, fp32/fp16 ones in fp16).
+    """
+    if dtype != "auto":
+        return dtype
+    if not on_gpu:
+        return "float32"
+    return "bfloat16" if engine == "hf" else "auto"
+
+
+class ConfigError(SettingsError):
     """A setting is invalid; the message names the setting and the file it came from."""
 
 
@@ -80,10 +102,16 @@ class ServeConfig(BaseModel):
         "prefixes are evicted (default: as much as the KV cache of max_num_seqs sequences, at most 1 GiB).",
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Weights dtype; auto is float32 on CPU and the checkpoint's dtype on GPU."
+        "auto",
+        description="Weights and compute dtype; auto is float32 on CPU, and on GPU bfloat16 (hf engine) "
+        "or vLLM's own choice from the checkpoint (vllm engine).",
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the HF engine runs.")
-    engine: Literal["hf", "vllm"] = Field("hf", description="transformers+PEFT or vLLM.")
+    engine: Literal["hf", "vllm"] = Field(
+        "hf",
+        description="hf: llm-serve's own continuous-batching engine (its native decoder for Llama, Mistral "
+        "and Qwen2, else transformers' modeling code); vllm: vLLM (needs ./.venv-vllm).",
+    )
     model_impl: Literal["auto", "native", "transformers"] = Field(
         "auto",
         description="HF engine: run Llama/Mistral/Qwen2 with llm-serve's own decoder (native, faster) or "
@@ -143,34 +171,6 @@ class ServeConfig(BaseModel):
         return self.api_key or os.environ.get("LLM_SERVE_API_KEY") or None
 
 
-def load_settings(
-    cls: type[M], path: str | Path | None, overrides: dict, error: type[Exception] = ConfigError
-) -> M:
-    """Defaults < YAML at `path` < `overrides` (None means "not given"), validated into `cls`.
-
-    Shared by every CLI with a `--config YAML`; raises `error` naming the file and the setting.
-    """
-    data: dict = {}
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise error(f"config file {p} does not exist")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise error(f"{p}: not valid YAML ({exc})") from exc
-        if not isinstance(data, dict):
-            raise error(f"{p}: expected a mapping of settings, got {type(data).__name__}")
-        data = {k.replace("-", "_"): v for k, v in data.items()}
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    try:
-        return cls(**data)
-    except ValidationError as exc:
-        where = f" in {path}" if path else ""
-        msgs = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise error(f"invalid setting{where}: {msgs}") from exc
-
-
 def load_config(path: str | Path | None, overrides: dict) -> ServeConfig:
     """Merge YAML (if any) with explicit overrides and validate."""
-    return load_settings(ServeConfig, path, overrides)
+    return load_settings(ServeConfig, path, overrides, error=ConfigError, prog="llm-serve")

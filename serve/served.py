@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from serve.adapters import AdapterSpec
+from serve.artifacts.model_folder import read_folder
 from serve.errors import BadRequestError, NotFoundError
 from serve.tools.render import ToolsUnsupportedError, ToolSupport, render_messages, tool_support
 
@@ -39,16 +40,17 @@ class ServedModels:
         aliases: tuple[str, ...] = (),
     ):
         self.tokenizer = tokenizer
-        base_eos = base_eos_ids(tokenizer)
-        self.base = ServedModel(
-            base_id, None, base_root, None, getattr(tokenizer, "chat_template", None), base_eos
-        )
+        base_template = getattr(tokenizer, "chat_template", None)
+        base_eos = read_folder(base_root).stop_token_ids(tokenizer, base_template)
+        self.base = ServedModel(base_id, None, base_root, None, base_template, base_eos)
         self._by_id: dict[str, ServedModel] = {base_id: self.base}
         # Other names the base answers to (e.g. `default`), not listed in /v1/models.
         self._aliases = {a: self.base for a in aliases if a and a != base_id}
         for spec in adapters:
+            facts = spec.facts or read_folder(spec.path)
+            # The base's stop ids plus the adapter's own EOS and its template's end of turn.
             eos = list(base_eos)
-            for tid in _template_eos_ids(spec, tokenizer):
+            for tid in facts.stop_token_ids(tokenizer, spec.chat_template or base_template):
                 if tid not in eos:
                     eos.append(tid)
             self._by_id[spec.name] = ServedModel(
@@ -114,42 +116,3 @@ class ServedModels:
                 f"the chat template rejected the messages: {exc}", param="messages"
             ) from exc
         return self.tokenizer.encode(text, add_special_tokens=False)
-
-
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "</s>")
-
-
-def base_eos_ids(tokenizer) -> list[int]:
-    """EOS id of the tokenizer plus the end-of-turn tokens its template uses."""
-    ids = [int(tokenizer.eos_token_id)] if tokenizer.eos_token_id is not None else []
-    return _add_token_ids(ids, tokenizer, _end_of_turn_tokens(getattr(tokenizer, "chat_template", None)))
-
-
-def _end_of_turn_tokens(template: str | None) -> list[str]:
-    return [tok for tok in END_OF_TURN_TOKENS if template and tok in template]
-
-
-def _add_token_ids(ids: list[int], tokenizer, tokens: list[str]) -> list[int]:
-    for tok in tokens:
-        tid = tokenizer.convert_tokens_to_ids(tok)
-        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid not in ids:
-            ids.append(tid)
-    return ids
-
-
-def _template_eos_ids(spec: AdapterSpec, tokenizer) -> list[int]:
-    """The adapter's own EOS (from the tokenizer config it was trained with) and its template's."""
-    import json
-
-    tokens = []
-    cfg = spec.path / "tokenizer_config.json"
-    if cfg.is_file():
-        try:
-            eos = json.loads(cfg.read_text()).get("eos_token")
-        except json.JSONDecodeError:
-            eos = None
-        if isinstance(eos, dict):
-            eos = eos.get("content")
-        if isinstance(eos, str):
-            tokens.append(eos)
-    return _add_token_ids([], tokenizer, tokens + _end_of_turn_tokens(spec.chat_template))

@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from serve.artifacts.run_manifest import read_manifest
 from serve.atomic import write_json_atomic
 
 REPO = Path(__file__).resolve().parent.parent
@@ -118,7 +119,7 @@ def run_llm_train(config: Path, out_dir: Path, env: dict[str, str]) -> dict[str,
         cwd=REPO,
         check=True,
     )
-    metrics = json.loads((out_dir / "run_manifest.json").read_text())["metrics"]
+    metrics = read_manifest(out_dir).metrics
     return {"tokens": metrics["num_input_tokens_seen"], "seconds": metrics["train_runtime"]}
 
 

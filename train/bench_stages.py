@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from serve.artifacts.run_manifest import read_manifest
 from serve.atomic import write_json_atomic
 
 REPO = Path(__file__).resolve().parent.parent
@@ -68,15 +69,15 @@ def run_one(work: Path, name: str, cfg: dict[str, Any], *flags: str) -> dict[str
     if proc.returncode != 0:
         row["error"] = proc.stderr.strip().splitlines()[-1][:300] if proc.stderr.strip() else "failed"
         return row
-    manifest = json.loads((out / "run_manifest.json").read_text())
-    m = manifest["metrics"]
+    manifest = read_manifest(out)
+    m = manifest.metrics
     row.update(
         final_loss=m.get("final_loss"),
         train_runtime=m.get("train_runtime"),
         tokens_per_second=m.get("tokens_per_second"),
         tokens=m.get("num_input_tokens_seen"),
         final_reward=m.get("final_reward"),
-        world_size=manifest["parallel"]["world_size"],
+        world_size=manifest.parallel.world_size if manifest.parallel else 1,
         losses=[
             r["loss"]
             for r in map(json.loads, (out / "trainer_log.jsonl").read_text().splitlines())

@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from serve.cli_runner import run_cli
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -50,15 +52,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from serve.models import ModelNotFoundError
-    from train.config import ConfigError, load_config
-    from train.data.entry import DatasetInfoError
-    from train.launch import Launch, shell_line
-    from train.run import DatasetProblems, Interrupted, Options, TrainError, execute, plan_run
-    from train.template import TemplateMismatchError
-
     raw = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_intermixed_args(raw)
+    # Config problems exit 2; planning and training problems (datasets, template, output_dir) exit 1.
+    return run_cli("llm-train", lambda: _run(args, raw), also=(OSError,), also_exit=1)
+
+
+def _run(args: argparse.Namespace, raw: list[str]) -> int:
+    from train.config import load_config
+    from train.launch import Launch, shell_line
+    from train.run import Options, execute, plan_run
+
     opts = Options(
         overwrite=args.overwrite,
         resume=args.resume,
@@ -75,42 +79,25 @@ def main(argv: list[str] | None = None) -> int:
             deepspeed=args.deepspeed,
         ),
     )
-    try:
-        cfg = load_config(args.config, args.overrides)
-        plan = plan_run(cfg, opts, ["llm-train", *raw])
-        if args.dry_run:
-            print(f"# resolved config (written to {plan.config_path} when the run starts)")
-            print(plan.resolved_yaml())
-            print("# command")
-            print(shell_line(plan.argv, plan.env))
-            return 0
+    cfg = load_config(args.config, args.overrides)
+    plan = plan_run(cfg, opts, ["llm-train", *raw])
+    if args.dry_run:
+        print(f"# resolved config (written to {plan.config_path} when the run starts)")
+        print(plan.resolved_yaml())
+        print("# command")
+        print(shell_line(plan.argv, plan.env))
+        return 0
+    print(
+        f"llm-train: {cfg.stage}/{cfg.finetuning_type} on {plan.base_path}, template {plan.template['name']}"
+    )
+    if opts.launch.distributed:
+        world = opts.launch.nnodes * opts.launch.nproc_per_node
         print(
-            f"llm-train: {cfg.stage}/{cfg.finetuning_type} on {plan.base_path}, template {plan.template['name']}"
+            f"llm-train: {world} processes ({opts.launch.nnodes} node(s) x {opts.launch.nproc_per_node}), "
+            f"this is node {opts.launch.node_rank}, rendezvous {opts.launch.master_addr}:{opts.launch.master_port}"
         )
-        if opts.launch.distributed:
-            world = opts.launch.nnodes * opts.launch.nproc_per_node
-            print(
-                f"llm-train: {world} processes ({opts.launch.nnodes} node(s) x {opts.launch.nproc_per_node}), "
-                f"this is node {opts.launch.node_rank}, rendezvous {opts.launch.master_addr}:{opts.launch.master_port}"
-            )
-        print(f"llm-train: training in {plan.staging} (log: {plan.log_path})")
-        out = execute(plan, opts)
-    except Interrupted as exc:
-        print(f"llm-train: {exc}", file=sys.stderr)
-        return 130
-    except DatasetProblems as exc:
-        print(f"llm-train: {exc}", file=sys.stderr)
-        return 1
-    except (
-        ConfigError,
-        DatasetInfoError,
-        ModelNotFoundError,
-        TemplateMismatchError,
-        TrainError,
-        OSError,
-    ) as exc:
-        print(f"llm-train: error: {exc}", file=sys.stderr)
-        return 1
+    print(f"llm-train: training in {plan.staging} (log: {plan.log_path})")
+    out = execute(plan, opts)
     if opts.launch.node_rank != 0:
         print(f"llm-train: node {opts.launch.node_rank} done; node 0 writes {out}")
         return 0

@@ -1,82 +1,24 @@
-"""`run_manifest.json`: what an adapter was trained from, so serve and eval can check they match.
+"""How `llm-train` fills the run manifest (serve.artifacts.run_manifest) of the folder it publishes.
 
-Holds the base model (name, resolved path, sha256 of its weights), the template, each dataset's file
-and sha256, the stage, the hyper-parameters LLaMA-Factory got, final metrics (tokens/s of this
-session after a `--resume`; PPO's rewards), package versions, and how the run was spread (world size,
-per-device batch, gradient accumulation, effective batch).
-Checksums of large files are cached in `$LLM_SERVE_HOME/sha256-cache.json` by path, size and mtime.
+Records the base model (name, resolved path, sha256 of its weights), the template, each dataset's file
+and sha256, the stage, the hyper-parameters LLaMA-Factory got, final metrics (LLaMA-Factory's
+all_results.json plus loss, throughput (of this session after a `--resume`) and PPO's rewards from
+its trainer log), package versions, and how the run was spread (world size, per-device batch,
+gradient accumulation, effective batch).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from serve.atomic import write_json_atomic
+from serve.artifacts.provenance import model_sha256, package_versions
+from serve.artifacts.run_manifest import RunManifest
+from serve.artifacts.trainer_log import read_trainer_log
 
-MANIFEST = "run_manifest.json"
 PACKAGES = ("llm-serve", "llamafactory", "torch", "transformers", "peft", "trl", "accelerate", "datasets")
-
-
-def _cache_path() -> Path:
-    from serve.models import llm_serve_home
-
-    return llm_serve_home() / "sha256-cache.json"
-
-
-def file_sha256(path: str | os.PathLike, *, use_cache: bool = True) -> str:
-    """sha256 of a file; for big files the digest is cached under the file's path, size and mtime."""
-    path = Path(path).resolve()
-    st = path.stat()
-    key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
-    cache_file = _cache_path()
-    cache: dict[str, str] = {}
-    if use_cache and cache_file.is_file():
-        try:
-            cache = json.loads(cache_file.read_text())
-        except (json.JSONDecodeError, OSError):
-            cache = {}
-        if key in cache:
-            return cache[key]
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    value = digest.hexdigest()
-    if use_cache and st.st_size > (1 << 20):
-        cache[key] = value
-        try:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(cache_file, cache)
-        except OSError:
-            pass  # a read-only cache dir only costs a re-hash next time
-    return value
-
-
-def model_sha256(model_dir: Path) -> str:
-    """sha256 of `model.safetensors`, or of the sorted per-shard digests for sharded checkpoints."""
-    single = model_dir / "model.safetensors"
-    if single.is_file():
-        return file_sha256(single)
-    shards = sorted(model_dir.glob("*.safetensors"))
-    if not shards:
-        return ""
-    return hashlib.sha256("".join(file_sha256(s) for s in shards).encode()).hexdigest()
-
-
-def package_versions() -> dict[str, str]:
-    versions = {}
-    for name in PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return versions
 
 
 def read_metrics(run_dir: Path, *, tokens_before: int = 0) -> dict[str, Any]:
@@ -89,7 +31,7 @@ def read_metrics(run_dir: Path, *, tokens_before: int = 0) -> dict[str, Any]:
     results = run_dir / "all_results.json"
     if results.is_file():
         metrics.update(json.loads(results.read_text()))
-    log = read_trainer_log(run_dir)
+    log = read_trainer_log(run_dir, state_fallback=False)
     train_rows = [r for r in log if "loss" in r]
     if train_rows:
         last = train_rows[-1]
@@ -128,18 +70,6 @@ def checkpoint_tokens(checkpoint: Path | None) -> int:
     return int(state.get("num_input_tokens_seen") or 0)
 
 
-def read_trainer_log(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "trainer_log.jsonl"
-    rows = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut by a kill
-    return rows
-
-
 def build_manifest(
     *,
     base_name: str,
@@ -154,8 +84,8 @@ def build_manifest(
     parallel: dict[str, Any] | None = None,
     resumed: dict[str, Any] | None = None,
     stage_info: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """The manifest as a dict. `parallel` is `parallel_layout(...)`; `resumed` is
+) -> RunManifest:
+    """The run's manifest. `parallel` is `parallel_layout(...)`; `resumed` is
     `{"checkpoint": NAME, "tokens_before": N}` for a `--resume`d run; `stage_info` holds what the stage
     used beyond the base and datasets (PPO's reward model, DeepSpeed) and the launch's wall time."""
     metrics = read_metrics(run_dir, tokens_before=(resumed or {}).get("tokens_before", 0))
@@ -163,7 +93,6 @@ def build_manifest(
     if "wall_seconds" in info:
         metrics["wall_seconds"] = info.pop("wall_seconds")
     manifest = {
-        "schema_version": 1,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "output_dir": str(output_dir),
         "base_model": {"name": base_name, "path": str(base_path), "sha256": model_sha256(base_path)},
@@ -175,14 +104,14 @@ def build_manifest(
             k: v for k, v in lf_args.items() if k not in ("output_dir", "resume_from_checkpoint")
         },
         "metrics": metrics,
-        "packages": package_versions(),
+        "packages": package_versions(PACKAGES),
         "command": command,
         "parallel": parallel or parallel_layout(1, 1, config, None),
     }
     if resumed:
         manifest["resumed"] = resumed
     manifest.update(info)
-    return manifest
+    return RunManifest.model_validate(manifest)
 
 
 def parallel_layout(

@@ -13,14 +13,17 @@ LLaMA-Factory computes them (same chat template, token for token, as `llm-train`
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from serve.artifacts.model_folder import read_adapter_config
+from serve.artifacts.run_manifest import ManifestError, RunManifest, read_manifest
+from serve.cli_runner import UserError
 
 VALUE_HEAD = "value_head.safetensors"
 
 
-class RewardModelError(ValueError):
+class RewardModelError(UserError, ValueError):
     """The reward model directory cannot be used; the message says which file and what to do."""
 
 
@@ -44,7 +47,7 @@ class RewardModelInfo:
 def check_reward_model(path: Path, *, base_name: str, base_path: Path) -> RewardModelInfo:
     """Check a reward model directory against the base it will run on; raises RewardModelError."""
     from serve.adapters import AdapterError, base_aliases, check_base_match, load_adapter_spec
-    from train.manifest import file_sha256
+    from serve.artifacts.provenance import file_sha256, model_sha256
 
     path = Path(path).expanduser().resolve()
     hint = "train one with `llm-train configs/train/rm_lora.yaml` (stage: rm)"
@@ -57,7 +60,7 @@ def check_reward_model(path: Path, *, base_name: str, base_path: Path) -> Reward
             f"reward model {path} has no {VALUE_HEAD} (found: {present}), so it is not a reward model; {hint}"
         )
     manifest = _read_manifest(path)
-    stage = manifest.get("stage") if manifest else None
+    stage = manifest.stage if manifest else None
     if stage not in (None, "rm"):
         raise RewardModelError(f"{path} was trained with stage {stage!r}, not rm; {hint}")
     if (path / "adapter_config.json").is_file():
@@ -74,9 +77,7 @@ def check_reward_model(path: Path, *, base_name: str, base_path: Path) -> Reward
             f"{path} has a value head but neither adapter_config.json nor config.json; {hint}"
         )
     if manifest and kind == "lora":
-        recorded = (manifest.get("base_model") or {}).get("sha256")
-        from train.manifest import model_sha256
-
+        recorded = manifest.base_model.sha256
         actual = model_sha256(base_path)
         if recorded and actual and recorded != actual:
             raise RewardModelError(
@@ -92,9 +93,9 @@ def check_reward_model_alone(path: Path) -> RewardModelInfo:
 
     path = Path(path).expanduser().resolve()
     manifest = _read_manifest(path) if path.is_dir() else None
-    base = ((manifest or {}).get("base_model") or {}).get("name")
+    base = manifest.base_model.name if manifest else None
     if not base and (path / "adapter_config.json").is_file():
-        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        base = read_adapter_config(path).base_model
     if not base:
         base = str(path)  # a full reward model is its own base
     try:
@@ -106,14 +107,11 @@ def check_reward_model_alone(path: Path) -> RewardModelInfo:
     return check_reward_model(path, base_name=base, base_path=model.path)
 
 
-def _read_manifest(path: Path) -> dict | None:
-    file = path / "run_manifest.json"
-    if not file.is_file():
-        return None
+def _read_manifest(path: Path) -> RunManifest | None:
     try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise RewardModelError(f"{file} is not valid JSON ({exc})") from exc
+        return read_manifest(path)
+    except ManifestError as exc:
+        raise RewardModelError(str(exc)) from exc
 
 
 class RewardScorer:

@@ -4,7 +4,9 @@
 dataset, the chat template token for token) and builds LLaMA-Factory's arguments. `execute` trains
 into `.NAME.partial/` next to output_dir, shows progress, and on success writes the loss plot and
 `run_manifest.json`, drops intermediate checkpoints and renames the directory into place. An
-interrupted run (Ctrl-C, SIGTERM) leaves its last checkpoint in the staging dir for `--resume`.
+interrupted run (Ctrl-C, SIGTERM, or `kill -9`, after which the worker still checkpoints) leaves its
+last checkpoint in the staging dir for `--resume`. While a run is alive it owns the staging dir (a
+lock the worker inherits), so a second llm-train on the same output_dir is refused, never mixed in.
 """
 
 from __future__ import annotations
@@ -23,9 +25,14 @@ from typing import Any
 
 import yaml
 
-from serve.atomic import write_json_atomic
+from serve.artifacts.dataset_registry import DatasetEntry
+from serve.artifacts.model_folder import read_folder
+from serve.artifacts.provenance import file_sha256, text_sha256
+from serve.artifacts.publish import lock_dir, lock_fd, publish_dir
+from serve.artifacts.run_manifest import write_manifest
+from serve.artifacts.trainer_log import read_trainer_log
+from serve.cli_runner import UserError
 from train.config import TrainConfig
-from train.data.entry import DatasetEntry
 from train.launch import (
     Launch,
     command,
@@ -35,14 +42,7 @@ from train.launch import (
     has_cuda,
     llamafactory_args,
 )
-from train.manifest import (
-    MANIFEST,
-    build_manifest,
-    checkpoint_tokens,
-    file_sha256,
-    parallel_layout,
-    read_trainer_log,
-)
+from train.manifest import build_manifest, checkpoint_tokens, parallel_layout
 from train.stages import check_stage
 from train.worker import INTERRUPTED_EXIT
 
@@ -53,16 +53,22 @@ STAGE_NEEDS = {"dpo": "ranking", "rm": "ranking", "kto": "kto"}
 TOOL_PROBES = 8
 
 
-class TrainError(RuntimeError):
+class TrainError(UserError, RuntimeError):
     """Training could not start or did not finish; the message says what to do."""
 
+    exit_code = 1
 
-class DatasetProblems(ValueError):
+
+class DatasetProblems(UserError, ValueError):
     """Rows of the configured datasets do not fit their format (one `FILE:ROW: reason` per line)."""
+
+    exit_code = 1
 
 
 class Interrupted(TrainError):
     """The run was stopped by a signal and left a resumable checkpoint."""
+
+    exit_code = 130
 
 
 @dataclass
@@ -153,7 +159,7 @@ def check_datasets(
 ) -> tuple[list[dict[str, Any]], list[list[dict]], int, list[Any]]:
     """Validate every row of every dataset; returns manifest entries, sample chats, training rows and
     a few rows with tools (for the tool-template check)."""
-    from train.data.entry import find_entry
+    from serve.artifacts.dataset_registry import find_entry
     from train.data.validate import validate_file
 
     problems: list[str] = []
@@ -341,7 +347,7 @@ def plan_run(cfg: TrainConfig, opts: Options, command_line: list[str]) -> Plan:
         ),
         stage_info=stage_info,
     )
-    plan.template["chat_template_sha256"] = _text_sha(template.get("chat_template"))
+    plan.template["chat_template_sha256"] = text_sha256(template.get("chat_template"))
     plan.argv = command(plan.config_path, opts.launch)
     return plan
 
@@ -352,6 +358,9 @@ def _check_output_state(output_dir: Path, staging: Path, opts: Options) -> Path 
     Nodes other than 0 only look for the checkpoint (multi-node --resume needs output_dir on storage
     every node sees); what is in output_dir is node 0's business."""
     if opts.resume:
+        if staging.is_dir():
+            with _owning(staging, opts):
+                pass  # only checks that the interrupted run is really gone
         checkpoint = last_complete_checkpoint(staging) if staging.is_dir() else None
         if checkpoint is None:
             where = (
@@ -369,16 +378,18 @@ def _check_output_state(output_dir: Path, staging: Path, opts: Options) -> Path 
             "the new run completes) or choose another output_dir"
         )
     if staging.exists():
-        if last_complete_checkpoint(staging) is not None and not opts.overwrite:
-            raise TrainError(
-                f"an interrupted run is in {staging}; pass --resume to continue it or --overwrite to start over"
-            )
-        shutil.rmtree(staging)
+        with _owning(staging, opts):  # a live run's staging is never removed
+            if last_complete_checkpoint(staging) is not None and not opts.overwrite:
+                raise TrainError(
+                    f"an interrupted run is in {staging}; pass --resume to continue it or --overwrite to start over"
+                )
+            shutil.rmtree(staging)
     return None
 
 
-def _text_sha(text: str | None) -> str | None:
-    return hashlib.sha256(text.encode()).hexdigest() if text else None
+def _owning(staging: Path, opts: Options):
+    """Own the staging dir for a block (FolderBusyError if a live run does); several nodes share it."""
+    return lock_dir(staging, "llm-train run") if opts.launch.nnodes == 1 else contextlib.nullcontext()
 
 
 def execute(plan: Plan, opts: Options) -> Path:
@@ -387,14 +398,21 @@ def execute(plan: Plan, opts: Options) -> Path:
 
     plan.work_dir.mkdir(parents=True, exist_ok=True)
     plan.config_path.write_text(plan.resolved_yaml(), encoding="utf-8")
-    outcome = run_supervised(
-        plan.argv,
-        plan.env,
-        log_path=plan.log_path,
-        run_dir=plan.staging,
-        distributed=plan.launch.distributed,
-        progress=opts.progress,
-    )
+    # The worker inherits the staging dir's lock: owned until it has exited, even if we are killed.
+    owner = lock_fd(plan.staging, "llm-train run") if opts.launch.nnodes == 1 else None
+    try:
+        outcome = run_supervised(
+            plan.argv,
+            plan.env,
+            log_path=plan.log_path,
+            run_dir=plan.staging,
+            distributed=plan.launch.distributed,
+            progress=opts.progress,
+            pass_fds=() if owner is None else (owner,),
+        )
+    finally:
+        if owner is not None:
+            os.close(owner)
     plan.stage_info["wall_seconds"] = round(outcome.seconds, 2)
     rc = outcome.returncode
     if outcome.stop_requests or rc in (INTERRUPTED_EXIT, -signal.SIGTERM, -signal.SIGINT):
@@ -427,9 +445,9 @@ def finalize(plan: Plan, *, keep_checkpoints: bool = False) -> Path:
         raise TrainError(
             f"training ended but {staging} lacks {', '.join(missing)}; see {staging / TRAIN_LOG}"
         )
-    saved_template = _saved_chat_template(staging)
+    saved_template = read_folder(staging).chat_template
     plan.template["saved_with_adapter"] = saved_template is not None
-    plan.template["saved_matches_base"] = _text_sha(saved_template) == plan.template.get(
+    plan.template["saved_matches_base"] = text_sha256(saved_template) == plan.template.get(
         "chat_template_sha256"
     )
     if not keep_checkpoints:
@@ -438,7 +456,9 @@ def finalize(plan: Plan, *, keep_checkpoints: bool = False) -> Path:
     if plan.cfg.stage == "ppo":  # PEFT saved the reward adapter it loaded beside the policy: a stale copy
         shutil.rmtree(staging / "reward", ignore_errors=True)
     plot_loss(
-        read_trainer_log(staging), staging / "loss.png", title=f"{plan.cfg.stage} {plan.output_dir.name}"
+        read_trainer_log(staging, state_fallback=False),
+        staging / "loss.png",
+        title=f"{plan.cfg.stage} {plan.output_dir.name}",
     )
     manifest = build_manifest(
         base_name=plan.base_name,
@@ -456,8 +476,8 @@ def finalize(plan: Plan, *, keep_checkpoints: bool = False) -> Path:
         resumed=plan.resumed,
         stage_info=plan.stage_info,
     )
-    write_json_atomic(staging / MANIFEST, manifest)
-    publish(staging, plan.output_dir)
+    write_manifest(staging, manifest)
+    publish_dir(staging, plan.output_dir)
     return plan.output_dir
 
 
@@ -480,25 +500,3 @@ def _backend(plan: Plan) -> str | None:
         return None
     backend = "gloo" if plan.cpu else "nccl"
     return f"deepspeed/{backend}" if plan.launch.deepspeed else backend
-
-
-def _saved_chat_template(run_dir: Path) -> str | None:
-    jinja = run_dir / "chat_template.jinja"
-    if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
-    cfg = run_dir / "tokenizer_config.json"
-    if cfg.is_file():
-        value = json.loads(cfg.read_text(encoding="utf-8")).get("chat_template")
-        return value if isinstance(value, str) else None
-    return None
-
-
-def publish(staging: Path, output_dir: Path) -> None:
-    """Rename `staging` to `output_dir`; an existing output_dir is swapped out first, then removed."""
-    old = None
-    if output_dir.exists():
-        old = output_dir.parent / f".{output_dir.name}.old-{os.getpid()}"
-        os.replace(output_dir, old)
-    os.replace(staging, output_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

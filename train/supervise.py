@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from train.worker import STOP_FILE
+from train.worker import PARENT_DIED, STOP_FILE
 
 
 @dataclass
@@ -36,8 +36,11 @@ def run_supervised(
     run_dir: Path,
     distributed: bool,
     progress: bool,
+    pass_fds: tuple[int, ...] = (),
 ) -> Outcome:
-    """Run `argv` to completion, logging to `log_path` and showing `run_dir/trainer_log.jsonl` progress."""
+    """Run `argv` to completion, logging to `log_path` and showing `run_dir/trainer_log.jsonl` progress.
+
+    `pass_fds` stay open in the child (llm-train's lock on the staging dir, held until the worker exits)."""
     from train.progress import ProgressBar, TrainerLogTail
 
     stop_file = run_dir / STOP_FILE
@@ -47,7 +50,12 @@ def run_supervised(
         log.write(f"$ {' '.join(argv)}\n")
         log.flush()
         proc = subprocess.Popen(
-            argv, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_child_setup
+            argv,
+            env={**os.environ, **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_child_setup,
+            pass_fds=pass_fds,
         )
         stops = 0
 
@@ -115,9 +123,9 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
 
 def _child_setup() -> None:
     os.setpgrp()
-    try:  # Linux: if llm-train dies (even by SIGKILL) the child gets SIGTERM and checkpoints
+    try:  # Linux: if llm-train dies (even by SIGKILL) the child gets PARENT_DIED and checkpoints
         import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, PARENT_DIED)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass

@@ -19,6 +19,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from serve.cli_runner import UserError
+
 # Templates tried when none is given, in order; names hinted by the model path or type go first.
 CANDIDATES = ["smollm2", "smollm", "qwen", "llama3", "mistral", "gemma", "phi", "chatml", "default"]
 HINTS = {"smollm": ["smollm2", "smollm"], "qwen": ["qwen"], "llama-3": ["llama3"], "mistral": ["mistral"]}
@@ -35,8 +37,10 @@ PROBES = [
 ]
 
 
-class TemplateMismatchError(ValueError):
+class TemplateMismatchError(UserError, ValueError):
     """LLaMA-Factory's template and the tokenizer's chat template give different token ids."""
+
+    exit_code = 1
 
 
 @dataclass(frozen=True)

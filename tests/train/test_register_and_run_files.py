@@ -7,10 +7,11 @@ import stat
 
 import pytest
 
+from serve.artifacts.dataset_registry import DatasetInfoError, find_entry, load_dataset_info
+from serve.artifacts.provenance import file_sha256
 from train.data import cli
-from train.data.entry import DatasetInfoError, find_entry, load_dataset_info
 from train.data.register import RegisterError, register_dataset
-from train.manifest import file_sha256, read_metrics
+from train.manifest import read_metrics
 from train.plot import plot_loss
 from train.progress import TrainerLogTail
 
@@ -74,7 +75,8 @@ def test_register_refuses_invalid_file(tmp_path, capsys):
         register_dataset(data, "bad", tmp_path)
     assert not (tmp_path / "dataset_info.json").exists()
     assert cli.main(["register", str(data), "--name", "bad", "--dataset-dir", str(tmp_path)]) == 1
-    assert "fix them first" in capsys.readouterr().out
+    err = capsys.readouterr().err  # on stderr, as every CLI error (it went to stdout before)
+    assert "fix them first" in err and err.startswith("llm-data register: error: ")
 
 
 def test_register_cli_prints_entry(tmp_path, capsys):

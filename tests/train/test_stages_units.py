@@ -153,10 +153,10 @@ def test_manifest_records_ppo_rewards_parallel_layout_and_resume(tmp_path, monke
         resumed={"checkpoint": ckpt.name, "tokens_before": checkpoint_tokens(ckpt)},
         stage_info={"reward_model": {"path": "/rm", "type": "lora"}, "wall_seconds": 12.5},
     )
-    assert m["metrics"]["rewards"] == [-1.5, 0.5] and m["metrics"]["final_reward"] == 0.5
-    assert m["metrics"]["train_runtime"] == 87.0  # from the last row's elapsed_time (PPO writes no results)
-    assert m["metrics"]["wall_seconds"] == 12.5 and m["reward_model"]["path"] == "/rm"
-    assert m["parallel"]["effective_batch_size"] == 4 and m["resumed"] == {
+    assert m.metrics["rewards"] == [-1.5, 0.5] and m.metrics["final_reward"] == 0.5
+    assert m.metrics["train_runtime"] == 87.0  # from the last row's elapsed_time (PPO writes no results)
+    assert m.metrics["wall_seconds"] == 12.5 and m.reward_model.path == "/rm"  # typed: serve.artifacts
+    assert m.parallel.effective_batch_size == 4 and m.resumed.model_dump() == {
         "checkpoint": "checkpoint-1",
         "tokens_before": 7,
     }

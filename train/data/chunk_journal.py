@@ -27,16 +27,17 @@ from pathlib import Path
 from typing import Literal
 
 from serve.atomic import atomic_path, write_text_atomic
+from serve.cli_runner import UserError
 from train.data.chunking import Chunk
 
 OutputFormat = Literal["json", "jsonl", "parquet"]
 
 
-class JournalMismatchError(RuntimeError):
+class JournalMismatchError(UserError, RuntimeError):
     """The journal beside the output was written with other settings."""
 
 
-class OutputExistsError(FileExistsError):
+class OutputExistsError(UserError, FileExistsError):
     """The output file exists and is not empty, and --overwrite was not given."""
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from serve.cli_runner import run_cli
 from train.data import extract_role, preview, register, synth, validate
 
 # The registry: one module per subcommand, in the order `llm-data -h` lists them.
@@ -33,13 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return int(args._run(args) or 0)
-    except (OSError, ValueError) as exc:  # library errors carry the file/row/parameter and what to do
-        print(f"llm-data {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    # Library errors (OSError, ValueError) carry the file, row or parameter and what to do.
+    return run_cli(f"llm-data {args.command}", lambda: args._run(args), also=(OSError, ValueError))
 
 
 if __name__ == "__main__":

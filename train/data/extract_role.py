@@ -24,6 +24,9 @@ import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
 
 from train.data import synth
 from train.data.chunk_journal import (
@@ -35,7 +38,7 @@ from train.data.chunk_journal import (
     write_rows,
 )
 from train.data.chunking import Chunk, chunk_text
-from train.data.openai_client import ChatClient
+from train.data.openai_client import ChatClient, ClientConfig
 from train.data.synth_checks import (
     ask_for_entries,
     check_written,
@@ -206,10 +209,49 @@ def validate_pairs(
     return rows, dict(dropped)
 
 
-def llm_chunk(
-    chunk: Chunk, role: str, aliases: list[str], language: str, cfg: dict, client: ChatClient
-) -> ChunkResult:
+class LLMExtractConfig(BaseModel):
+    """Settings of prose mode (`--llm URL`): which role, how to chunk, which endpoint."""
+
+    role: str = Field(description="The character, as named in the text")
+    aliases: list[str] = Field(default_factory=list, description="Other names of the same character")
+    system: str = Field("", description="System prompt on every row")
+    instruction: str = Field("", description="Fixed instruction on every row")
+    out: Path = Field(description="Output file; its journal lies beside it")
+    client: ClientConfig = Field(default_factory=ClientConfig, description="Endpoint, model, retries")
+    tokenizer: str | None = Field(None, description="Chunking tokenizer (as for synth)")
+    chunk_tokens: int = Field(1024, ge=16, description="Largest chunk, in tokens")
+    overlap_tokens: int = Field(64, ge=0, description="Tokens repeated between chunks")
+    language: Literal["zh", "en"] | None = Field(None, description="Prompt language; default: detected")
+    max_tokens: int = Field(1024, ge=16, description="Largest reply per chunk")
+    reply_retries: int = Field(1, ge=0, description="Re-asks for a reply without JSON")
+    concurrency: int = Field(2, ge=1, le=64, description="Chunks in flight at once")
+    restart: bool = Field(False, description="Discard an earlier run's journal")
+    progress: bool = Field(True, description="Show a progress bar on stderr")
+
+
+def llm_config_from_args(args) -> LLMExtractConfig:
+    return LLMExtractConfig(
+        role=args.role,
+        aliases=_aliases(args),
+        system=args.system,
+        instruction=args.instruction,
+        out=args.out,
+        client=synth.client_config(args),
+        tokenizer=args.tokenizer,
+        chunk_tokens=args.chunk_tokens,
+        overlap_tokens=args.overlap,
+        language=args.language,
+        max_tokens=args.max_tokens,
+        reply_retries=args.reply_retries,
+        concurrency=args.concurrency,
+        restart=args.restart,
+        progress=not args.no_progress,
+    )
+
+
+def llm_chunk(chunk: Chunk, cfg: LLMExtractConfig, language: str, client: ChatClient) -> ChunkResult:
     system_prompt, user = _PROMPTS[language]
+    role, aliases = cfg.role, cfg.aliases
     who = (
         role
         + (f"（又称{'、'.join(aliases)}）" if language == "zh" else f" (also called {', '.join(aliases)})")
@@ -228,19 +270,19 @@ def llm_chunk(
         "required": ["input", "output"],
         "additionalProperties": False,
     }
-    for attempt in range(cfg["reply_retries"] + 1):
+    for attempt in range(cfg.reply_retries + 1):
         raw = ask_for_entries(
             client,
             messages,
             stats,
-            max_tokens=cfg["max_tokens"],
+            max_tokens=cfg.max_tokens,
             temperature=0.0,
             seed=chunk.index * 1000 + attempt,
             schema=reply_schema("role_lines", "pairs", pair),
         )
         if raw is None:
             continue
-        rows, dropped = validate_pairs(raw, chunk, cfg["system"], cfg["instruction"])
+        rows, dropped = validate_pairs(raw, chunk, cfg.system, cfg.instruction)
         stats.update({f"dropped_{k}": v for k, v in dropped.items()})
         stats["dropped"] = sum(dropped.values())
         break
@@ -248,45 +290,38 @@ def llm_chunk(
     return ChunkResult(chunk.id, chunk.index, rows, stats)
 
 
-def extract_llm(args, text: str) -> tuple[list[dict], Counter, object]:
+def extract_llm(cfg: LLMExtractConfig, text: str) -> tuple[list[dict], Counter, object]:
     """Prose mode: chunk, ask, validate, journal; returns rows (deduplicated), counts and the outcome."""
-    client_cfg = synth.client_config(args)
-    client = ChatClient(client_cfg)
+    client = ChatClient(cfg.client)
     try:
         client.check()
-        counter, tok_name = synth.make_token_counter(args.tokenizer, client_cfg, client.model)
-        chunks = chunk_text(text, counter, args.chunk_tokens, args.overlap)
-        language = args.language or detect_language(text)
-        cfg = {
-            "system": args.system,
-            "instruction": args.instruction,
-            "max_tokens": args.max_tokens,
-            "reply_retries": args.reply_retries,
-        }
+        counter, tok_name = synth.make_token_counter(cfg.tokenizer, cfg.client, client.model)
+        chunks = chunk_text(text, counter, cfg.chunk_tokens, cfg.overlap_tokens)
+        language = cfg.language or detect_language(text)
         fingerprint = {
             "task": "extract-role",
             "prompt_version": PROMPT_VERSION,
             "text_sha256": hashlib.sha256(text.encode()).hexdigest(),
             "tokenizer": tok_name,
-            "chunk_tokens": args.chunk_tokens,
-            "overlap_tokens": args.overlap,
-            "role": args.role,
-            "aliases": _aliases(args),
+            "chunk_tokens": cfg.chunk_tokens,
+            "overlap_tokens": cfg.overlap_tokens,
+            "role": cfg.role,
+            "aliases": cfg.aliases,
             "language": language,
             "model": client.model,
-            "system": args.system,
-            "instruction": args.instruction,
-            "response_format": client_cfg.response_format,
+            "system": cfg.system,
+            "instruction": cfg.instruction,
+            "response_format": cfg.client.response_format,
         }
-        journal = ChunkJournal(args.out, fingerprint)
+        journal = ChunkJournal(cfg.out, fingerprint)
         outcome = process_chunks(
             chunks,
-            lambda c: llm_chunk(c, args.role, _aliases(args), language, cfg, client),
+            lambda c: llm_chunk(c, cfg, language, client),
             journal,
-            concurrency=args.concurrency,
-            restart=args.restart,
+            concurrency=cfg.concurrency,
+            restart=cfg.restart,
             desc="extract-role",
-            progress=not args.no_progress,
+            progress=cfg.progress,
         )
         outcome.run_stats = {"chunks_total": len(chunks), **client.usage.as_dict()}
     finally:
@@ -377,8 +412,7 @@ def run(args) -> int:
     try:
         fmt = infer_format(args.out, args.format)
         check_output(args.out, args.overwrite)
-        if args.register and args.dataset_dir is None:
-            raise ValueError("--register needs --dataset-dir (the directory holding dataset_info.json)")
+        registration = synth.registration(args)
         text = synth.read_text(args.text_file)
         mode = _choose_mode(args, text)
         if mode == "script":
@@ -387,15 +421,13 @@ def run(args) -> int:
             speakers = ", ".join(f"{k} {v}" for k, v in result.speakers.most_common(8))
             journal = None
         else:
-            rows, counts, (outcome, journal) = extract_llm(args, text)
+            rows, counts, (outcome, journal) = extract_llm(llm_config_from_args(args), text)
             speakers = ""
             if not outcome.complete:
-                for chunk, err in outcome.failed[:3]:
-                    print(f"chunk {chunk.id} failed: {err}", file=sys.stderr)
-                print(
+                synth.report_incomplete(
+                    outcome,
                     f"stopped with {len(outcome.results)}/{outcome.run_stats['chunks_total']} chunks done; "
-                    f"re-run the same command to resume",
-                    file=sys.stderr,
+                    "re-run the same command to resume",
                 )
                 return 1
         if not rows:
@@ -410,7 +442,7 @@ def run(args) -> int:
     except KeyboardInterrupt:
         print("interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
-    except Exception as e:  # noqa: BLE001 - the CLI turns every failure into a message and an exit code
+    except synth.RUN_ERRORS as e:
         print(f"llm-data extract-role: error: {e}", file=sys.stderr)
         return 1
     print(f"mode: {mode}; wrote {len(rows)} rows to {args.out}")
@@ -419,10 +451,10 @@ def run(args) -> int:
         print(f"speakers: {speakers}")
     for row in rows[: args.sample]:
         print(json.dumps(row, ensure_ascii=False))
-    if args.register:
+    if registration:
         try:
-            print(synth.register_output(args.out, args.register, args.dataset_dir, PERSONA_COLUMNS))
-        except Exception as e:  # noqa: BLE001
+            print(synth.register_output(args.out, registration, PERSONA_COLUMNS))
+        except synth.RUN_ERRORS as e:
             print(f"llm-data extract-role: error: registering failed: {e}", file=sys.stderr)
             return 1
     return 0

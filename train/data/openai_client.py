@@ -24,10 +24,12 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from serve.cli_runner import UserError
+
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 
 
-class EndpointError(RuntimeError):
+class EndpointError(UserError, RuntimeError):
     """The endpoint failed in a way retrying does not fix, or retries ran out."""
 
 

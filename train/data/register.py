@@ -12,13 +12,16 @@ import json
 import os
 from pathlib import Path
 
-from train.data.entry import DatasetEntry, load_dataset_info, write_dataset_info
+from serve.artifacts.dataset_registry import DatasetEntry, register_entries
+from serve.cli_runner import UserError
 from train.data.formats import FORMATS
 from train.data.validate import parse_columns, validate_file
 
 
-class RegisterError(ValueError):
+class RegisterError(UserError, ValueError):
     """The file cannot be registered; the message says why."""
+
+    exit_code = 1
 
 
 def register_dataset(
@@ -40,11 +43,8 @@ def register_dataset(
         raise RegisterError(f"{file} has {len(report.problems)} problems; fix them first:\n{shown}")
     entry = report.entry
     entry.file_name = _file_name(file, dataset_dir)
-    info = load_dataset_info(dataset_dir)
-    replaced = name in info
-    info[name] = entry.to_info()
-    write_dataset_info(dataset_dir, info)
-    return entry, replaced
+    change = register_entries(dataset_dir, {name: entry})[name]
+    return entry, change != "added"
 
 
 def _file_name(file: Path, dataset_dir: Path) -> str:
@@ -74,13 +74,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     tags = json.loads(args.tags) if args.tags else None
-    try:
-        entry, replaced = register_dataset(
-            args.file, args.name, args.dataset_dir, args.format, parse_columns(args.columns), tags
-        )
-    except RegisterError as exc:
-        print(f"error: {exc}")
-        return 1
+    entry, replaced = register_dataset(
+        args.file, args.name, args.dataset_dir, args.format, parse_columns(args.columns), tags
+    )
     verb = "updated" if replaced else "added"
     print(f"{verb} {args.name!r} in {Path(args.dataset_dir) / 'dataset_info.json'}:")
     print(json.dumps(entry.to_info(), ensure_ascii=False, indent=2))

@@ -24,6 +24,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from serve.cli_runner import UserError
 from train.data.chunk_journal import (
     ChunkJournal,
     ChunkResult,
@@ -413,40 +414,55 @@ def config_from_args(args) -> SynthConfig:
 
 
 SYNTH_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output"}
+# What a run raises for input, files and endpoints it cannot use (each says which and what to do):
+# UserError (endpoint, journal, output, dataset registry), OSError (files), ValueError (text, settings).
+RUN_ERRORS = (UserError, OSError, ValueError)
 
 
-def register_output(path: Path, name: str, dataset_dir: Path | None, columns: dict[str, str]) -> str:
-    """Register `path` in `dataset_dir/dataset_info.json` with `llm-data register`'s function."""
+def registration(args) -> tuple[str, Path] | None:
+    """`--register NAME --dataset-dir DIR` as (NAME, DIR), checked before any work; None without --register."""
+    if not args.register:
+        return None
+    if args.dataset_dir is None:
+        raise ValueError("--register needs --dataset-dir (the directory holding dataset_info.json)")
+    return args.register, Path(args.dataset_dir)
+
+
+def register_output(path: Path, where: tuple[str, Path], columns: dict[str, str]) -> str:
+    """Register `path` as `where` = (name, dataset_dir) with `llm-data register`'s function."""
     from train.data.register import register_dataset
 
-    if dataset_dir is None:
-        raise ValueError("--register needs --dataset-dir (the directory holding dataset_info.json)")
+    name, dataset_dir = where
     _, replaced = register_dataset(path, name, dataset_dir, fmt="alpaca", columns=columns)
-    return f"{'updated' if replaced else 'registered'} {name!r} in {Path(dataset_dir) / 'dataset_info.json'}"
+    return f"{'updated' if replaced else 'registered'} {name!r} in {dataset_dir / 'dataset_info.json'}"
+
+
+def report_incomplete(outcome: RunOutcome, what_now: str) -> None:
+    """Tell on stderr why a run stopped (the first failed chunks) and what to do."""
+    for chunk, err in outcome.failed[:3]:
+        print(f"chunk {chunk.id} failed: {err}", file=sys.stderr)
+    print(what_now, file=sys.stderr)
 
 
 def run(args) -> int:
     """Entry point of `llm-data synth`; returns the exit code."""
     try:
         cfg = config_from_args(args)
-        if args.register and args.dataset_dir is None:
-            raise ValueError("--register needs --dataset-dir (the directory holding dataset_info.json)")
+        where = registration(args)
         outcome = synthesize(cfg)
     except KeyboardInterrupt:
         print("interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
-    except Exception as e:  # noqa: BLE001 - the CLI turns every failure into a message and an exit code
+    except RUN_ERRORS as e:
         print(f"llm-data synth: error: {e}", file=sys.stderr)
         return 1
     for line in summary_lines(outcome):
         print(line)
     if not outcome.complete:
-        for chunk, err in outcome.failed[:3]:
-            print(f"chunk {chunk.id} failed: {err}", file=sys.stderr)
-        print(
+        report_incomplete(
+            outcome,
             f"{len(outcome.failed)} chunk(s) failed and {outcome.not_started} not started; the journal "
             f"{cfg.out}.partial.jsonl keeps the finished ones: re-run the same command to resume",
-            file=sys.stderr,
         )
         return 1
     rows = outcome.rows()
@@ -458,10 +474,10 @@ def run(args) -> int:
         )
         return 1
     print(f"wrote {len(rows)} rows to {cfg.out}")
-    if args.register:
+    if where:
         try:
-            print(register_output(cfg.out, args.register, args.dataset_dir, SYNTH_COLUMNS))
-        except Exception as e:  # noqa: BLE001
+            print(register_output(cfg.out, where, SYNTH_COLUMNS))
+        except RUN_ERRORS as e:
             print(f"llm-data synth: error: registering failed: {e}", file=sys.stderr)
             return 1
     return 0

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from train.data.entry import DatasetEntry
+from serve.artifacts.dataset_registry import DatasetEntry
 from train.data.formats import FORMATS, Format, RowError, Sample, detect_format, format_for_entry, get_format
 from train.data.readers import Problem, read_rows
 

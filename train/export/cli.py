@@ -16,6 +16,7 @@ import logging
 import sys
 from pathlib import Path
 
+from serve.cli_runner import UserError, run_cli
 from train.export.config import GGUF_TYPES, ExportConfig
 
 
@@ -50,19 +51,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="llm-export: %(message)s")
+    return run_cli("llm-export", lambda: _export(args))
+
+
+def _export(args: argparse.Namespace) -> int:
     if args.modelfile and not args.gguf:
-        print(
-            "llm-export: --modelfile needs a GGUF to point at; add --gguf q8_0 (or f16/bf16/f32)",
-            file=sys.stderr,
-        )
-        return 2
+        raise UserError("--modelfile needs a GGUF to point at; add --gguf q8_0 (or f16/bf16/f32)")
     from pydantic import ValidationError
 
-    from serve.adapters import AdapterError
-    from train.export.gguf_writer import GGUFExportError
-    from train.export.merge import ExportError
-    from train.export.modelfile import ModelfileError
-    from train.export.pipeline import VerificationError, run_export
+    from serve.settings import describe_validation_error
+    from train.export.pipeline import run_export
 
     try:
         cfg = ExportConfig(
@@ -75,16 +73,9 @@ def main(argv: list[str] | None = None) -> int:
             overwrite=args.overwrite,
             max_new_tokens=args.max_new_tokens,
         )
-        report = run_export(cfg)
     except ValidationError as exc:
-        print(f"llm-export: invalid arguments: {exc}", file=sys.stderr)
-        return 2
-    except (AdapterError, ExportError, GGUFExportError, ModelfileError) as exc:
-        print(f"llm-export: {exc}", file=sys.stderr)
-        return 2
-    except VerificationError as exc:
-        print(f"llm-export: {exc}", file=sys.stderr)
-        return 1
+        raise UserError(describe_validation_error(exc, ExportConfig, flags=vars(args))) from exc
+    report = run_export(cfg)  # VerificationError exits 1, every other user error 2
     _print_summary(cfg.out, report)
     return 0
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 GGUFType = Literal["f32", "f16", "bf16", "q8_0"]
 GGUF_TYPES: tuple[str, ...] = ("f32", "f16", "bf16", "q8_0")
@@ -16,6 +16,8 @@ GGUF_TYPES: tuple[str, ...] = ("f32", "f16", "bf16", "q8_0")
 
 class ExportConfig(BaseModel):
     """What to merge, where to write it and which extra artefacts to produce."""
+
+    model_config = ConfigDict(extra="forbid")
 
     adapters: list[str] = Field(
         default_factory=list,

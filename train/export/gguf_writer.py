@@ -14,11 +14,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from serve.cli_runner import UserError
+
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
 FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}  # gguf.LlamaFileType values
 
 
-class GGUFExportError(ValueError):
+class GGUFExportError(UserError, ValueError):
     """The checkpoint cannot be written as GGUF; the message says why and what is supported."""
 
 

@@ -4,12 +4,11 @@ Used by `pipeline.run_export`: `resolve_base` finds the base the adapters record
 adapter_config.json) and refuses a mismatch naming both; `load_with_adapters` builds base+adapters
 (all active, the reference the merge is verified against); `merge` folds them into the weights;
 `save_merged` writes safetensors shards, the tokenizer, the chat template and a generation_config.json
-whose EOS ids include the template's end-of-turn token.
+whose EOS ids are the ones llm-serve stops on (serve.artifacts.model_folder.stop_token_ids).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,13 +21,15 @@ from serve.adapters import (
     load_adapter_spec,
     parse_adapter_arg,
 )
+from serve.artifacts import model_folder
+from serve.artifacts.provenance import model_sha256
+from serve.cli_runner import UserError
 from serve.models import ModelNotFoundError, ResolvedModel, resolve_model
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 DEFAULT_BASE_NAMES = {"HuggingFaceTB/SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct"}
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     """The export cannot run; the message names the file or parameter and what to do."""
 
 
@@ -54,15 +55,12 @@ def load_specs(adapter_args: list[str]) -> list[AdapterSpec]:
 
 def recorded_base(spec: AdapterSpec) -> str:
     """The base an adapter was trained on: run manifest path (if it exists), manifest name, adapter_config."""
-    manifest_base = (spec.manifest or {}).get("base_model")
-    if isinstance(manifest_base, dict):
-        path = manifest_base.get("path")
-        if path and Path(path).exists():
-            return str(path)
-        if manifest_base.get("name"):
-            return str(manifest_base["name"])
-    elif isinstance(manifest_base, str) and manifest_base:
-        return manifest_base
+    if spec.manifest is not None:
+        recorded = spec.manifest.base_model
+        if recorded.path and Path(recorded.path).exists():
+            return recorded.path
+        if recorded.name:
+            return recorded.name
     if spec.base_model:
         return spec.base_model
     raise ExportError(
@@ -98,11 +96,9 @@ def resolve_base(specs: list[AdapterSpec], base: str | None = None) -> ResolvedM
 
 def _check_base_checksum(spec: AdapterSpec, base: ResolvedModel) -> None:
     """llm-train records the sha256 of the base weights; a base with other weights under the same name fails."""
-    recorded = ((spec.manifest or {}).get("base_model") or {}).get("sha256")
-    if not recorded or not isinstance(recorded, str):
+    recorded = spec.manifest.base_model.sha256 if spec.manifest is not None else ""
+    if not recorded:
         return
-    from train.manifest import model_sha256
-
     actual = model_sha256(base.path)
     if actual and actual != recorded:
         raise ExportError(
@@ -117,20 +113,16 @@ def plan_full(model: str) -> MergePlan:
         resolved = resolve_model(model)
     except ModelNotFoundError as exc:
         raise ExportError(f"--model {model}: {exc}") from exc
-    manifest = {}
-    if (resolved.path / "run_manifest.json").is_file():
-        manifest = json.loads((resolved.path / "run_manifest.json").read_text())
-    system = ((manifest.get("template") or {}) if isinstance(manifest.get("template"), dict) else {}).get(
-        "default_system"
-    )
-    return MergePlan([], resolved, resolved.path, _dir_template(resolved.path), system or None)
+    facts = model_folder.read_folder(resolved.path)  # also its run manifest, when llm-train made it
+    system = facts.manifest.template.default_system if facts.manifest is not None else None
+    return MergePlan([], resolved, resolved.path, facts.chat_template, system or None)
 
 
 def plan_merge(adapter_args: list[str], base: str | None = None) -> MergePlan:
     """Read adapters, pick base, tokenizer, chat template and system prompt; loads no weights."""
     specs = load_specs(adapter_args)
     resolved = resolve_base(specs, base)
-    templates = {s.name: _manifest_template(s) or s.chat_template for s in specs}
+    templates = {s.name: s.chat_template for s in specs}
     distinct = {t for t in templates.values() if t}
     if len(distinct) > 1:
         names = [n for n, t in templates.items() if t]
@@ -139,78 +131,31 @@ def plan_merge(adapter_args: list[str], base: str | None = None) -> MergePlan:
             "with the same template"
         )
     tokenizer_dir = next(
-        (s.path for s in reversed(specs) if all((s.path / f).is_file() for f in TOKENIZER_FILES)),
-        resolved.path,
+        (s.path for s in reversed(specs) if s.facts is not None and s.facts.has_tokenizer), resolved.path
     )
-    template = distinct.pop() if distinct else _dir_template(tokenizer_dir) or _dir_template(resolved.path)
+    template = (
+        distinct.pop()
+        if distinct
+        else model_folder.read_folder(tokenizer_dir).chat_template
+        or model_folder.read_folder(resolved.path).chat_template
+    )
     system = next((_manifest_system(s) for s in reversed(specs) if _manifest_system(s)), None)
     return MergePlan(specs, resolved, tokenizer_dir, template, system)
 
 
-def _manifest_template(spec: AdapterSpec) -> str | None:
-    manifest = spec.manifest or {}
-    for value in (manifest.get("chat_template"), (manifest.get("tokenizer") or {}).get("chat_template")):
-        if isinstance(value, str) and value:
-            return value
-    return None
-
-
 def _manifest_system(spec: AdapterSpec) -> str | None:
-    manifest = spec.manifest or {}
-    for key in ("system", "default_system"):
-        value = (
-            manifest.get(key)
-            or (manifest.get("hyperparameters") or {}).get(key)
-            or (manifest.get("template") if isinstance(manifest.get("template"), dict) else {}).get(key)
-        )
-        if isinstance(value, str) and value.strip():
-            return value
-    return None
-
-
-def _dir_template(path: Path) -> str | None:
-    if (path / "chat_template.jinja").is_file():
-        return (path / "chat_template.jinja").read_text()
-    cfg = path / "tokenizer_config.json"
-    if cfg.is_file():
-        value = json.loads(cfg.read_text()).get("chat_template")
-        return value if isinstance(value, str) else None
-    return None
+    """The system prompt the run trained with (llm-train records it with the template)."""
+    system = spec.manifest.template.default_system if spec.manifest is not None else None
+    return system if system and system.strip() else None
 
 
 def load_tokenizer(plan: MergePlan):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(plan.tokenizer_dir)
-    if plan.chat_template:
-        tokenizer.chat_template = plan.chat_template
-    return tokenizer
+    return model_folder.load_tokenizer(plan.tokenizer_dir, plan.chat_template)
 
 
-def end_of_turn_token(tokenizer, template: str | None) -> str | None:
-    """The special token the template writes right after an assistant message (`<|im_end|>` for ChatML)."""
-    if not template:
-        return None
-    marker = "XYZZY-END-OF-TURN"
-    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}]
-    try:
-        text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False)
-    except Exception:  # a template that refuses this conversation shape names no end token
-        return None
-    after = text.split(marker, 1)[-1].lstrip(" ")
-    specials = sorted(
-        (t.content for t in tokenizer.added_tokens_decoder.values() if t.special), key=len, reverse=True
-    )
-    return next((tok for tok in specials if after.startswith(tok)), None)
-
-
-def generation_eos_ids(tokenizer, template: str | None) -> list[int]:
-    """EOS ids for generation_config.json: the template's end-of-turn token first, then the tokenizer's EOS."""
-    ids: list[int] = []
-    eot = end_of_turn_token(tokenizer, template)
-    for tid in (tokenizer.convert_tokens_to_ids(eot) if eot else None, tokenizer.eos_token_id):
-        if isinstance(tid, int) and tid not in ids:
-            ids.append(tid)
+def generation_eos_ids(tokenizer, template: str | None, base: ResolvedModel) -> list[int]:
+    """EOS ids for generation_config.json: what llm-serve stops on, the template's end-of-turn token first."""
+    ids = model_folder.read_folder(base.path).stop_token_ids(tokenizer, template)
     if not ids:
         raise ExportError("the tokenizer has no EOS token and the chat template names no end-of-turn token")
     return ids

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from serve.cli_runner import UserError
+
 CHATML = (
     "{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}"
     "{{ range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}"
@@ -32,7 +34,7 @@ FAMILIES = {
 }
 
 
-class ModelfileError(ValueError):
+class ModelfileError(UserError, ValueError):
     """The chat template cannot be expressed as an Ollama TEMPLATE."""
 
 

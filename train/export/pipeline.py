@@ -1,22 +1,23 @@
 """One export run, top to bottom: plan, merge, verify, GGUF, verify, Modelfile, report, rename.
 
-Everything is written into a temporary directory beside `--out` and renamed into place only when
-every check passed; a failed verification leaves the work in `OUT.rejected/` (with its
-export_report.json) and raises `VerificationError` naming the failed checks. Library code: raises,
-never exits; `cli.main` turns the exceptions into messages and exit codes.
+Everything is written into a staging directory beside `--out` (serve.artifacts.publish) and renamed
+into place only when every check passed; a failed verification leaves the work in `OUT.rejected/`
+(with its export_report.json) and raises `VerificationError` naming the failed checks. A killed
+export leaves `--out` as it was, and the next export to the same `--out` removes its staging folder.
+Library code: raises, never exits; `cli.main` turns the exceptions into messages and exit codes.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from serve.artifacts.provenance import package_versions
+from serve.artifacts.publish import publish_dir, staged_dir
+from serve.cli_runner import UserError
 from train.export.config import ExportConfig
 from train.export.merge import ExportError, plan_full, plan_merge
 
@@ -24,8 +25,10 @@ logger = logging.getLogger(__name__)
 REPORT_NAME = "export_report.json"
 
 
-class VerificationError(RuntimeError):
+class VerificationError(UserError, RuntimeError):
     """The export was written but failed a numerical or metadata check; nothing was installed."""
+
+    exit_code = 1
 
     def __init__(self, failed: list[str], report_path: Path):
         self.failed = failed
@@ -50,22 +53,15 @@ def run_export(cfg: ExportConfig, after_write: Callable[[str, Path], None] | Non
     check_output(out, cfg.overwrite)
     plan = plan_full(cfg.model) if cfg.model else plan_merge(cfg.adapters, cfg.base)
     _fail_fast(cfg, plan)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; the installed directory should look like any other
-    try:
+    with staged_dir(out) as tmp:
         report = _export_into(tmp, out.name, cfg, plan, after_write)
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
         if report["failed_checks"]:
             rejected = out.with_name(out.name + ".rejected")
-            _replace(tmp, rejected)
+            publish_dir(tmp, rejected)
             raise VerificationError(report["failed_checks"], rejected / REPORT_NAME)
-        _replace(tmp, out)
+        publish_dir(tmp, out)
         return report
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _fail_fast(cfg: ExportConfig, plan) -> None:
@@ -78,16 +74,6 @@ def _fail_fast(cfg: ExportConfig, plan) -> None:
         modelfile.template_family(plan.chat_template)
 
 
-def _replace(src: Path, dst: Path) -> None:
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)
-
-
 def _export_into(tmp: Path, out_name: str, cfg: ExportConfig, plan, after_write) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
@@ -97,7 +83,7 @@ def _export_into(tmp: Path, out_name: str, cfg: ExportConfig, plan, after_write)
     timings: dict = {}
     t0 = time.monotonic()
     tokenizer = merge.load_tokenizer(plan)
-    eos_ids = merge.generation_eos_ids(tokenizer, plan.chat_template)
+    eos_ids = merge.generation_eos_ids(tokenizer, plan.chat_template, plan.base)
     peft_model = merge.load_with_adapters(plan)
     timings["load_s"] = time.monotonic() - t0
 
@@ -177,17 +163,5 @@ def _export_into(tmp: Path, out_name: str, cfg: ExportConfig, plan, after_write)
         "checks": verify.as_dicts(checks),
         "gguf": gguf_info,
         "timings_s": timings,
-        "versions": _versions(),
+        "versions": package_versions(("torch", "transformers", "peft", "gguf"), missing=True),
     }
-
-
-def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = {}
-    for pkg in ("torch", "transformers", "peft", "gguf"):
-        try:
-            found[pkg] = version(pkg)
-        except PackageNotFoundError:
-            found[pkg] = None
-    return found

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from train.data.entry import DatasetEntry, DatasetInfoError, load_dataset_info
+
 from train.data.readers import SUFFIXES
 from train.data.validate import Report, validate_file
 

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from train.data.entry import OPENAI_TAGS, DatasetEntry
+from serve.artifacts.dataset_registry import OPENAI_TAGS, DatasetEntry
 from train.data.formats import alpaca, dpo, kto, pretrain, sharegpt
 from train.data.formats.base import RowError, Sample
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from train.data.entry import DatasetEntry
+from serve.artifacts.dataset_registry import DatasetEntry
 from train.data.formats import alpaca, sharegpt
 from train.data.formats.base import RowError, Sample, cell, text_cell
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from train.data.entry import DatasetEntry
+from serve.artifacts.dataset_registry import DatasetEntry
 from train.data.formats.base import Sample, text_cell
 
 NAME = "pt"

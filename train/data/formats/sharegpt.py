@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from train.data.entry import OPENAI_TAGS, DatasetEntry
+from serve.artifacts.dataset_registry import OPENAI_TAGS, DatasetEntry
 from train.data.formats.base import RowError, Sample, cell, optional_text
 
 NAME = "sharegpt"

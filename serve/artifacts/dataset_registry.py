@@ -1,19 +1,32 @@
-"""One `dataset_info.json` entry (LLaMA-Factory's `DatasetAttr`), and atomic reads/writes of that file.
+"""`dataset_info.json`, LLaMA-Factory's dataset registry: its entries, and the one reader and writer.
 
-An entry says how a file's columns map onto prompts and responses: `formatting` (alpaca, sharegpt or
-openai), `ranking` (pairwise preference data), `columns` and, for sharegpt-like data, `tags` (role names).
-Defaults are LLaMA-Factory 0.9.5's, so an entry means here exactly what it means there.
+An entry (LLaMA-Factory's `DatasetAttr`) says how a file's columns map onto prompts and responses:
+`formatting` (alpaca, sharegpt or openai), `ranking` (pairwise preference data), `columns` and, for
+sharegpt-like data, `tags` (role names). Defaults are LLaMA-Factory 0.9.5's, so an entry means here
+exactly what it means there.
+
+Written only through `register_entries` (used by `llm-data register`, which `llm-data synth` and
+`extract-role --register` call, and by the chat page's feedback store): it holds a lock on the
+folder, keeps every other entry as it is and replaces the file atomically. Read by llm-train (to find
+and validate each dataset), `llm-data` and `llm-eval` (a reference file's registered columns).
+
+    register_entries(Path("data"), {"mine": DatasetEntry("mine.json")})   # {"mine": "added"}
+    entry, file = find_entry(Path("data"), "mine")
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from serve.atomic import write_json_atomic
+from serve.cli_runner import UserError
 
 DATASET_INFO = "dataset_info.json"
 
@@ -54,7 +67,7 @@ COLUMN_KEYS = (
 )
 
 
-class DatasetInfoError(ValueError):
+class DatasetInfoError(UserError, ValueError):
     """`dataset_info.json` is missing, unreadable or lacks the named dataset."""
 
 
@@ -117,7 +130,7 @@ def load_dataset_info(dataset_dir: str | os.PathLike) -> dict[str, Any]:
     try:
         info = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DatasetInfoError(f"{path}: not valid JSON ({exc})") from exc
+        raise DatasetInfoError(f"{path} is not valid JSON ({exc}); fix or remove it") from exc
     if not isinstance(info, dict):
         raise DatasetInfoError(f"{path}: must be a JSON object mapping dataset names to entries")
     return info
@@ -141,10 +154,32 @@ def find_entry(dataset_dir: str | os.PathLike, name: str) -> tuple[DatasetEntry,
     return entry, Path(dataset_dir) / entry.file_name
 
 
-def write_dataset_info(dataset_dir: str | os.PathLike, info: dict[str, Any]) -> Path:
-    """Write `DIR/dataset_info.json` atomically (temporary file in the same directory, then rename)."""
+Change = Literal["added", "updated", "unchanged"]
+
+
+def register_entries(dataset_dir: str | os.PathLike, entries: dict[str, DatasetEntry]) -> dict[str, Change]:
+    """Add or replace `entries` in `DIR/dataset_info.json`, keeping the others; the file is only
+    rewritten when something changed. Concurrent writers (two `llm-data register`, two chat pages)
+    take turns on a lock of the folder, so no entry is lost."""
     directory = Path(dataset_dir)
+    changes: dict[str, Change] = {}
+    with _locked(directory):
+        info = load_dataset_info(directory)
+        for name, entry in entries.items():
+            new = entry.to_info()
+            changes[name] = "unchanged" if info.get(name) == new else "updated" if name in info else "added"
+            info[name] = new
+        if any(c != "unchanged" for c in changes.values()):
+            write_json_atomic(directory / DATASET_INFO, info)
+    return changes
+
+
+@contextmanager
+def _locked(directory: Path) -> Iterator[None]:
     directory.mkdir(parents=True, exist_ok=True)
-    target = directory / DATASET_INFO
-    write_json_atomic(target, info)
-    return target
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)  # the folder itself: no lock file to leave behind
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
