@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from serve.adapters import AdapterSpec
-from serve.config import ServeConfig
+from serve.config import ServeConfig, resolve_dtype, resolve_max_model_len
 from serve.engine.base import Engine, EngineHealth, EngineStats
 from serve.engine.detokenizer import IncrementalDetokenizer
 from serve.engine.scheduler import Scheduler, Sequence, StepPlan
@@ -35,7 +35,6 @@ from serve.models import ResolvedModel
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_MODEL_LEN = 4096
 # Prompt tokens a step carries when nothing decodes: prefill throughput peaks there on the 2-core
 # CPU (655 vs 597 tok/s at 256) and a burst of prompts reaches its first tokens sooner.
 DEFAULT_BATCHED_TOKENS = 512
@@ -102,10 +101,7 @@ class HFEngine(Engine):
 
         cfg = self.config
         device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        if cfg.dtype == "auto":
-            dtype = torch.float32 if device == "cpu" else torch.bfloat16
-        else:
-            dtype = getattr(torch, cfg.dtype)
+        dtype = getattr(torch, resolve_dtype(cfg.dtype, on_gpu=device != "cpu"))
         register_attention()
         t0 = time.monotonic()
         model = AutoModelForCausalLM.from_pretrained(self.resolved.path, dtype=dtype)
@@ -114,8 +110,9 @@ class HFEngine(Engine):
         self.tokenizer = AutoTokenizer.from_pretrained(self.resolved.path)
         self.lora_ctx = LoRAContext()
         mc = model.config
-        model_max = int(getattr(mc, "max_position_embeddings", DEFAULT_MAX_MODEL_LEN))
-        self.max_model_len = min(cfg.max_model_len or min(model_max, DEFAULT_MAX_MODEL_LEN), model_max)
+        self.max_model_len = resolve_max_model_len(
+            cfg.max_model_len, getattr(mc, "max_position_embeddings", None)
+        )
         self.vocab_size = int(mc.vocab_size)  # rows of the LM head: the grammar masks this many logits
         self.native = self._build_native(model)
         if self.native is None:

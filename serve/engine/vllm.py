@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from serve.adapters import AdapterSpec
-from serve.config import ServeConfig
+from serve.config import DEFAULT_MAX_MODEL_LEN, ServeConfig, resolve_dtype
 from serve.engine.base import Engine, EngineHealth, EngineStats
 from serve.engine.types import (
     EngineDeadError,
@@ -39,9 +39,6 @@ from serve.engine.vllm_lora import check_vllm_adapter, lora_settings
 from serve.engine.vllm_outputs import OutputTracker
 
 logger = logging.getLogger(__name__)
-
-#: Context cap when --max-model-len is not given (same as the HF engine).
-DEFAULT_MAX_MODEL_LEN = 4096
 
 
 def cuda_available() -> bool:
@@ -91,9 +88,7 @@ def build_engine_kwargs(
     """`AsyncEngineArgs` keyword arguments for this config; pure, so it is tested without vLLM."""
     model_cfg = read_model_config(model_path)
     max_len = resolve_max_model_len(config, model_cfg)
-    dtype = config.dtype
-    if dtype == "auto" and not on_gpu:
-        dtype = "float32"  # the CPU computes fp32 natively; bf16 is emulated and slower
+    dtype = resolve_dtype(config.dtype, on_gpu=on_gpu, engine="vllm")
     kwargs = {
         "model": str(model_path),
         "tokenizer": str(model_path),
