@@ -2,7 +2,8 @@
 
 Used for every file a reader may look at while it is being written (manifests, dataset_info.json,
 synthesised datasets, journals, benchmark results): a crash or Ctrl-C leaves the old file or none,
-never half of one. Dependency-free so any package of the project can use it.
+never half of one. Folders are published the same way by serve.artifacts.publish. Dependency-free so
+any package of the project can use it.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ def atomic_path(path: str | os.PathLike, mode: int = 0o644) -> Iterator[Path]:
     try:
         os.chmod(tmp, mode)  # mkstemp makes 0600; these files are meant to be read by others
         yield Path(tmp)
+        with open(tmp, "rb") as f:  # on disk before the rename makes it visible: no empty file after a crash
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)

@@ -2,7 +2,9 @@
 
 What an adapter folder (llm-train's output, or PEFT's `save_pretrained`) holds, and who reads it:
 
-    adapter_config.json         LoRA rank, alpha, targets, recorded base    read_adapter_config: serve, export, eval
+    adapter_config.json         LoRA rank, alpha, targets, recorded base, DoRA, modules_to_save
+                                                                            read_adapter_config: serve preflight,
+                                                                            both engines, export, eval, llm-models
     adapter_model.safetensors   the LoRA weights (a pickled .bin is refused) the engines, PEFT in export/eval
     tokenizer.json, tokenizer_config.json, special_tokens_map.json
                                 the tokenizer it was trained with           read_folder: export (tokenizer source)
@@ -85,6 +87,10 @@ class AdapterConfig:
     rank: int
     alpha: float
     target_modules: list[str]
+    use_rslora: bool = False  # scale alpha/sqrt(r) instead of alpha/r
+    use_dora: bool = False
+    modules_to_save: list[str] = field(default_factory=list)  # full copies of modules (embeddings, head)
+    trainable_token_indices: Any = None  # trained rows of the embeddings (PEFT's TrainableTokens)
 
 
 def read_folder(path: str | Path) -> FolderFacts:
@@ -132,6 +138,10 @@ def read_adapter_config(path: str | Path) -> AdapterConfig:
         rank=rank,
         alpha=float(cfg.get("lora_alpha", rank)),
         target_modules=[targets] if isinstance(targets, str) else list(targets),
+        use_rslora=bool(cfg.get("use_rslora")),
+        use_dora=bool(cfg.get("use_dora")),
+        modules_to_save=list(cfg.get("modules_to_save") or []),
+        trainable_token_indices=cfg.get("trainable_token_indices"),
     )
 
 

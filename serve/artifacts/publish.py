@@ -133,13 +133,13 @@ def publish_dir(src: str | os.PathLike, target: str | os.PathLike) -> None:
     if target.exists() or target.is_symlink():
         if _exchange(src, target):
             _fsync_dir(target.parent)
-            shutil.rmtree(src, ignore_errors=True)  # src now holds the old target
+            _remove(src)  # src now holds the old target
             return
         old = target.with_name(f".{target.name}.tmp-old-{os.getpid()}")
         os.replace(target, old)
         os.replace(src, target)
         _fsync_dir(target.parent)
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
         return
     os.replace(src, target)
     _fsync_dir(target.parent)
@@ -201,6 +201,13 @@ def _normalize_and_fsync(root: Path) -> None:
                 os.chmod(Path(dirpath) / name, ordinary_mode(is_dir=True))
         _fsync_dir(Path(dirpath))
     os.chmod(root, ordinary_mode(is_dir=True))
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _fsync_dir(path: Path) -> None:

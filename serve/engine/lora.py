@@ -11,7 +11,6 @@ embedding LoRA) with a message saying to merge such adapters with `llm-export` i
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -19,6 +18,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from serve.artifacts.model_folder import AdapterConfig, read_adapter_config
 
 KEY_RE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
 
@@ -136,11 +137,10 @@ def checked_pair(adapter: str, module_name: str, ab: dict, in_features: int, out
     return a, b
 
 
-def lora_scale(cfg: dict) -> tuple[int, float]:
-    """(rank, scale) of a PEFT adapter_config."""
-    r = int(cfg.get("r", 8))
-    alpha = float(cfg.get("lora_alpha", r))
-    return r, alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+def lora_scale(cfg: AdapterConfig) -> tuple[int, float]:
+    """(rank, scale): PEFT's alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    r = cfg.rank
+    return r, cfg.alpha / math.sqrt(r) if cfg.use_rslora else cfg.alpha / r
 
 
 @dataclass
@@ -151,16 +151,16 @@ class LoadedAdapter:
     modules: list[str]
 
 
-def read_adapter_weights(path: Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
+def read_adapter_weights(path: Path) -> tuple[AdapterConfig, dict[str, dict[str, torch.Tensor]]]:
     """Return (adapter_config, {module_name: {"A": tensor, "B": tensor}})."""
     from safetensors.torch import load_file
 
-    cfg = json.loads((path / "adapter_config.json").read_text())
-    if cfg.get("use_dora"):
+    cfg = read_adapter_config(path)
+    if cfg.use_dora:
         raise LoRALoadError(f"{path}: DoRA adapters are not supported for serving; merge it with llm-export")
-    if cfg.get("modules_to_save"):
+    if cfg.modules_to_save:
         raise LoRALoadError(
-            f"{path}: the adapter also trains full modules ({cfg['modules_to_save']}), which cannot be "
+            f"{path}: the adapter also trains full modules ({cfg.modules_to_save}), which cannot be "
             "batched per request; merge it with `llm-export` and serve the merged model"
         )
     tensors = load_file(str(path / "adapter_model.safetensors"))

@@ -9,12 +9,12 @@ JSON files and safetensors headers: no vLLM or torch import.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from serve.adapters import AdapterError, AdapterSpec
+from serve.artifacts.model_folder import read_adapter_config
 
 #: The ranks vLLM can allocate LoRA slots for (vllm.config.lora.MaxLoRARanks).
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -67,16 +67,16 @@ def lora_settings(adapters: list[AdapterSpec]) -> LoRASettings:
 
 def check_vllm_adapter(spec: AdapterSpec, base_vocab_size: int) -> None:
     """Refuse what vLLM cannot serve: resized vocabularies and full embedding/LM-head copies."""
-    cfg = json.loads((spec.path / "adapter_config.json").read_text())
+    cfg = read_adapter_config(spec.path)
     slot_rank(spec.rank, spec.name)
-    saved = [m for m in (cfg.get("modules_to_save") or []) if m not in _ALLOWED_MODULES_TO_SAVE]
+    saved = [m for m in cfg.modules_to_save if m not in _ALLOWED_MODULES_TO_SAVE]
     if saved:
         raise AdapterError(
             f"adapter {spec.name!r}: {spec.path / 'adapter_config.json'} saves full copies of "
             f"{saved} (modules_to_save), which vLLM cannot load; retrain without modules_to_save, "
             "or serve it with --engine hf"
         )
-    if cfg.get("trainable_token_indices"):
+    if cfg.trainable_token_indices:
         raise AdapterError(
             f"adapter {spec.name!r}: it trains token embeddings (trainable_token_indices), which vLLM "
             "cannot load; serve it with --engine hf"
