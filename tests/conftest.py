@@ -1,4 +1,8 @@
-"""Shared fixtures: the real default model, a tiny random Llama with the real tokenizer, offline env."""
+"""Shared fixtures: the real default model, its real tokenizer alone, a tiny random Llama with it, offline env.
+
+Fast tests (`-m "not slow"`) use `real_tokenizer_dir` and `tiny_model_dir`, which need no model
+conversion; `default_model` bootstraps the real model and is for tests marked slow.
+"""
 
 from __future__ import annotations
 
@@ -27,11 +31,19 @@ def default_model():
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, default_model) -> Path:
+def real_tokenizer_dir(tmp_path_factory) -> Path:
+    """The default model's tokenizer files and chat template, without its weights (fast tests)."""
+    from tests.helpers.models import write_real_tokenizer
+
+    return write_real_tokenizer(tmp_path_factory.mktemp("smollm2-tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, real_tokenizer_dir) -> Path:
     """A randomly initialised 2-layer Llama with the default model's real tokenizer (fast tests)."""
     from tests.helpers.models import make_tiny_llama
 
-    return make_tiny_llama(default_model.path, tmp_path_factory.mktemp("tiny-llama"))
+    return make_tiny_llama(real_tokenizer_dir, tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="session")
@@ -40,3 +52,13 @@ def shared_demo_data() -> Path:
     if not (SHARED_DATA / "dataset_info.json").is_file():
         pytest.skip(f"LLaMA-Factory demo data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+def pytest_collection_modifyitems(config, items):
+    """The fast tier never bootstraps the real model: a test that asks for it must be marked slow."""
+    for item in items:
+        if "default_model" in getattr(item, "fixturenames", ()) and item.get_closest_marker("slow") is None:
+            raise pytest.UsageError(
+                f"{item.nodeid} uses the default_model fixture but is not marked slow; use "
+                "real_tokenizer_dir or tiny_model_dir, or mark it @pytest.mark.slow"
+            )

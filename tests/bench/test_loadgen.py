@@ -35,6 +35,7 @@ def fake_server(tmp_path_factory):
         yield proc
 
 
+@pytest.mark.slow  # a real server process
 def test_concurrent_streams_are_measured(fake_server):
     reqs = make_requests([f"prompt {i}" for i in range(8)], 16, 20, ["base", "a0", "a1"])
     assert [r.model for r in reqs[:4]] == ["base", "a0", "a1", "base"]
@@ -54,6 +55,7 @@ def test_concurrent_streams_are_measured(fake_server):
     assert 0 < s["output_throughput"] <= 4 / 0.005
 
 
+@pytest.mark.slow  # a real server process
 def test_completions_api_and_token_counting_without_usage(tmp_path):
     spec = fake_spec("--no-usage")
     with peers.ServerProcess(spec, tmp_path / "fake.log") as proc:
@@ -69,6 +71,7 @@ def test_completions_api_and_token_counting_without_usage(tmp_path):
     assert proc.proc.poll() is not None  # stopped with the whole process group
 
 
+@pytest.mark.slow  # a real server process
 def test_errors_are_results_not_exceptions(fake_server):
     cfg = LoadConfig(base_url=fake_server.spec.base_url, concurrency=2)
     results = run(cfg, make_requests(["x", "y"], 4, 8, ["bad", "fail-midstream"]))
@@ -79,6 +82,7 @@ def test_errors_are_results_not_exceptions(fake_server):
     assert summarize(results)["failed"] == 2
 
 
+@pytest.mark.slow  # a real server process
 def test_launch_deadline_and_on_complete(fake_server):
     done = []
     cfg = LoadConfig(base_url=fake_server.spec.base_url, concurrency=1, launch_deadline_s=0.15)
@@ -94,6 +98,7 @@ def test_unreachable_server_is_a_failed_result():
     assert not result.ok and "ConnectError" in result.error
 
 
+@pytest.mark.slow  # a real server process
 def test_server_that_exits_is_reported_with_its_log(tmp_path):
     spec = peers.ServerSpec(
         name="broken",

@@ -8,8 +8,8 @@ from serve.bench.prompts import build_prompts, chat_overhead, load_tokenizer
 
 
 @pytest.fixture(scope="module")
-def tok(default_model):
-    return load_tokenizer(str(default_model.path))
+def tok(real_tokenizer_dir):
+    return load_tokenizer(str(real_tokenizer_dir))
 
 
 def _chat_len(tok, text):

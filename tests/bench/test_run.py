@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 from serve.bench import llama_cpp, peers, run
 
 FAKE = Path(__file__).with_name("fake_openai_server.py")
@@ -20,6 +22,7 @@ def _fake(name: str, delay: str, adapters: tuple[str, ...]) -> peers.ServerSpec:
                             base_model=None if adapters else "base")  # fmt: skip
 
 
+@pytest.mark.slow  # starts fake servers as real processes
 def test_bench_writes_json_ratios_and_table(tmp_path, monkeypatch, capsys):
     adapters = []
     for name in ("a0", "a1"):

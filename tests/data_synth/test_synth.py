@@ -146,6 +146,7 @@ def test_english_parquet_output(tmp_path):
     }
 
 
+@pytest.mark.slow  # kills a real llm-data process
 def test_kill_and_resume_never_duplicates(tmp_path):
     out = tmp_path / "qa.json"
     journal = tmp_path / "qa.json.partial.jsonl"

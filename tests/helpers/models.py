@@ -2,8 +2,21 @@
 
 from __future__ import annotations
 
+import gzip
 import shutil
 from pathlib import Path
+
+REAL_TOKENIZER = Path(__file__).resolve().parents[1] / "data" / "smollm2-tokenizer"
+
+
+def write_real_tokenizer(out: Path) -> Path:
+    """The default model's tokenizer files (tests/data/smollm2-tokenizer) in `out`, no model conversion."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tokenizer.json").write_bytes(gzip.decompress((REAL_TOKENIZER / "tokenizer.json.gz").read_bytes()))
+    for name in ("tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(REAL_TOKENIZER / name, out / name)
+    return out
+
 
 TOKENIZER_FILES = (
     "tokenizer.json",

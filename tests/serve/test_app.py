@@ -18,8 +18,8 @@ MSG = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture
-def engine(default_model):
-    return FakeEngine(default_model.path)
+def engine(real_tokenizer_dir):
+    return FakeEngine(real_tokenizer_dir)
 
 
 def make_client(engine, **cfg) -> TestClient:

@@ -6,10 +6,10 @@ from serve.engine.detokenizer import IncrementalDetokenizer, _partial_suffix
 
 
 @pytest.fixture(scope="module")
-def tokenizer(default_model):
+def tokenizer(real_tokenizer_dir):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(default_model.path)
+    return AutoTokenizer.from_pretrained(real_tokenizer_dir)
 
 
 @pytest.mark.parametrize(

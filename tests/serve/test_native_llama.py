@@ -29,10 +29,10 @@ CASES = {
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
-def model_and_adapters(request, default_model, tmp_path_factory):
+def model_and_adapters(request, real_tokenizer_dir, tmp_path_factory):
     arch, overrides = CASES[request.param]
     root = tmp_path_factory.mktemp(f"native-{request.param}")
-    model_dir = make_tiny_model(default_model.path, root / "model", arch=arch, seed=3, **overrides)
+    model_dir = make_tiny_model(real_tokenizer_dir, root / "model", arch=arch, seed=3, **overrides)
     adapters = {
         "all": make_lora_adapter(model_dir, root / "all", seed=1, scale=0.3),
         "qv": make_lora_adapter(model_dir, root / "qv", seed=2, scale=0.3, targets=("q_proj", "v_proj")),
@@ -58,9 +58,9 @@ def test_native_matches_peft(model_and_adapters):
     assert len({tuple(toks) for _, _, (toks, _) in runs[:3]}) == 3
 
 
-def test_uncovered_model_falls_back_or_is_refused(default_model, tmp_path):
+def test_uncovered_model_falls_back_or_is_refused(real_tokenizer_dir, tmp_path):
     model_dir = make_tiny_model(
-        default_model.path, tmp_path / "dyn", rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0,
+        real_tokenizer_dir, tmp_path / "dyn", rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0,
                                                                 "factor": 2.0},
     )  # fmt: skip
     auto = make_engine(model_dir, {}, max_num_seqs=2)

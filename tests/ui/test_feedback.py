@@ -97,6 +97,7 @@ def _writer(root: str, worker: int, count: int) -> None:
         )
 
 
+@pytest.mark.slow  # four writer processes
 def test_concurrent_writers_do_not_interleave(tmp_path):
     ctx = multiprocessing.get_context("fork")
     procs = [ctx.Process(target=_writer, args=(str(tmp_path), w, 25)) for w in range(4)]
