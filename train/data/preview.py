@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from serve.artifacts.dataset_registry import DatasetEntry, find_entry, load_dataset_info
 from train.config import TrainConfig
-from train.data.entry import DatasetEntry, find_entry, load_dataset_info
 from train.data.readers import read_rows
 from train.data.validate import validate_file
 

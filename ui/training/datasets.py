@@ -15,8 +15,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from train.data.entry import DatasetEntry, DatasetInfoError, load_dataset_info
-
+from serve.artifacts.dataset_registry import DatasetEntry, DatasetInfoError, load_dataset_info
 from train.data.readers import SUFFIXES
 from train.data.validate import Report, validate_file
 

@@ -28,8 +28,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict
 
+from serve.artifacts.run_manifest import MANIFEST_FILE, ManifestError, read_manifest
+from serve.artifacts.trainer_log import read_trainer_log
 from serve.atomic import write_json_atomic
-from train.manifest import MANIFEST, read_trainer_log
 from train.run import last_complete_checkpoint, staging_dir
 from ui.training.settings import check_name, config_yaml
 
@@ -118,7 +119,7 @@ class Progress:
 
 
 def read_progress(run_dir: Path) -> Progress:
-    rows = read_trainer_log(run_dir)
+    rows = read_trainer_log(run_dir, state_fallback=False)
     progress = Progress()
     train: dict[int, float] = {}
     evals: dict[int, float] = {}
@@ -375,7 +376,7 @@ class RunManager:
         """Past and present runs under the roots: finished adapters with a manifest, and the page's runs."""
         summaries: dict[Path, RunSummary] = {}
         for root in self.roots:
-            for manifest in sorted(root.glob(f"*/{MANIFEST}")):
+            for manifest in sorted(root.glob(f"*/{MANIFEST_FILE}")):
                 summary = _manifest_summary(manifest)
                 if summary is not None:
                     summaries[summary.output_dir] = summary
@@ -401,20 +402,21 @@ class RunManager:
 
 def _manifest_summary(path: Path) -> RunSummary | None:
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        manifest = read_manifest(path.parent)
+    except ManifestError:
+        return None  # unreadable, or from a newer llm-serve: not listed
+    if manifest is None:
         return None
-    metrics = manifest.get("metrics") or {}
     loss_png = path.parent / "loss.png"
     return RunSummary(
         name=path.parent.name,
         root=path.parent.parent,
         status="finished",
-        base=str((manifest.get("base_model") or {}).get("name", "")),
-        stage=str(manifest.get("stage", "")),
-        data=", ".join(d.get("name", "") for d in manifest.get("datasets") or []),
-        steps=metrics.get("steps"),
-        final_loss=metrics.get("final_loss"),
+        base=manifest.base_model.name,
+        stage=manifest.stage or "",
+        data=", ".join(d.name for d in manifest.datasets),
+        steps=manifest.metrics.get("steps"),
+        final_loss=manifest.metrics.get("final_loss"),
         when=path.stat().st_mtime,
         loss_png=loss_png if loss_png.is_file() else None,
     )
