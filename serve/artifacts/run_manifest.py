@@ -66,11 +66,11 @@ class DatasetRecord(_Record):
     """One dataset the run read."""
 
     name: str
-    split: Literal["train", "eval"]
-    file: str
-    sha256: str
-    format: str
-    rows: int
+    split: Literal["train", "eval"] = "train"
+    file: str = Field("", description="the resolved data file")
+    sha256: str = ""
+    format: str = Field("", description="alpaca, sharegpt, openai, dpo, kto or pt")
+    rows: int = 0
 
 
 class ParallelLayout(_Record):
