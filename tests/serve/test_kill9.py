@@ -104,9 +104,14 @@ def test_kill9_llm_train_then_resume(tmp_path, tiny_model_dir):
     assert steps == sorted(set(steps)) and steps[-1] == 6, steps  # every step logged once
 
 
-def test_kill9_llm_export_then_rerun(tmp_path, small_llama_adapter):
+def test_kill9_llm_export_then_rerun(tmp_path):
+    from tests.export.tiny_models import byte_bpe_tokenizer, tiny_checkpoint
+    from tests.helpers.adapters import make_lora_adapter
+
+    base = tiny_checkpoint("llama", byte_bpe_tokenizer(tmp_path / "src" / "bpe"), tmp_path / "src" / "base")
+    adapter = make_lora_adapter(base, tmp_path / "src" / "a", seed=0)
     out = tmp_path / "merged"
-    cmd = [BIN / "llm-export", "--adapter", small_llama_adapter, "--out", out, "--max-new-tokens", "2"]
+    cmd = [BIN / "llm-export", "--adapter", adapter, "--out", out, "--max-new-tokens", "2"]
     proc = start(*cmd)
     weights = wait_for(
         lambda: list(tmp_path.glob(".merged.tmp-*/model.safetensors")), 300, proc, "the merged weights"
