@@ -7,6 +7,7 @@ conversion; `default_model` bootstraps the real model and is for tests marked sl
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -62,3 +63,45 @@ def pytest_collection_modifyitems(config, items):
                 f"{item.nodeid} uses the default_model fixture but is not marked slow; use "
                 "real_tokenizer_dir or tiny_model_dir, or mark it @pytest.mark.slow"
             )
+
+
+# The fast tier starts no process either. Library probes that shell out once per process
+# (platform's `uname -p`, ctypes.util's `ldconfig`/compiler lookups) are not a test's process.
+_PROBES = {"uname", "ldconfig", "ld", "gcc", "cc", "objdump"}
+_SPAWN_EVENTS = ("subprocess.Popen", "os.fork", "os.forkpty", "os.posix_spawn", "os.exec", "os.spawn")
+_watch = {"on": False, "spawned": []}
+
+
+def _spawn_audit(event, args):
+    if _watch["on"] and event in _SPAWN_EVENTS:
+        exe = (
+            Path(str(args[0])).name
+            if event in ("subprocess.Popen", "os.posix_spawn", "os.exec") and args
+            else ""
+        )
+        if exe not in _PROBES:
+            _watch["spawned"].append(f"{event} {exe}".strip())
+
+
+sys.addaudithook(_spawn_audit)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    _watch["on"], _watch["spawned"] = item.get_closest_marker("slow") is None, []
+
+
+@pytest.fixture(autouse=True)
+def _fast_tests_start_no_process():
+    yield
+    spawned, _watch["spawned"] = _watch["spawned"], []
+    if spawned:
+        pytest.fail(
+            f"a test outside the slow tier started a process ({', '.join(sorted(set(spawned)))}); "
+            "mark it @pytest.mark.slow (make test-fast runs none)"
+        )
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item):
+    _watch["on"] = False

@@ -74,6 +74,7 @@ def test_yaml_and_save(handlers, tmp_path):
     assert note.startswith(f"Saved `{tmp_path / 'configs' / 'run1.yaml'}`")
 
 
+@pytest.mark.slow  # the stand-in llm-train is a real process
 def test_start_needs_a_clean_preview_then_runs_polls_and_refreshes_the_pickers(handlers, tmp_path):
     key, root = demo_key(handlers), str(tmp_path / "saves")
     refused = handlers.start(key, root, "run1", False, False, *values())

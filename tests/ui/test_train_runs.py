@@ -42,6 +42,7 @@ def manager(saves: Path, served: list | None = None) -> RunManager:
     return RunManager([saves], on_finished=publish, command=FAKE)
 
 
+@pytest.mark.slow  # the stand-in llm-train is a real process
 def test_run_finishes_is_published_and_listed(saves, monkeypatch):
     monkeypatch.setenv("FAKE_STEP_S", "0.05")
     served: list[str] = []
@@ -68,6 +69,7 @@ def test_run_finishes_is_published_and_listed(saves, monkeypatch):
     assert summary.loss_png == saves / "demo-sft" / "loss.png"
 
 
+@pytest.mark.slow  # the stand-in llm-train is a real process
 def test_second_start_is_refused_then_stop_keeps_a_checkpoint_and_resume_finishes(saves, monkeypatch):
     monkeypatch.setenv("FAKE_TRAIN", "wait")
     runs = manager(saves)
@@ -95,6 +97,7 @@ def test_second_start_is_refused_then_stop_keeps_a_checkpoint_and_resume_finishe
     assert stopped_at >= 2
 
 
+@pytest.mark.slow  # the stand-in llm-train is a real process
 def test_failed_run_shows_its_log_and_leaves_no_adapter(saves, monkeypatch):
     monkeypatch.setenv("FAKE_TRAIN", "fail")
     runs = manager(saves)
