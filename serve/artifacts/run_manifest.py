@@ -142,7 +142,9 @@ def manifest_path(folder: str | Path) -> Path:
 def write_manifest(folder: str | Path, manifest: RunManifest) -> Path:
     """Write `folder/run_manifest.json` atomically."""
     path = manifest_path(folder)
-    write_json_atomic(path, manifest.model_dump(mode="json"))
+    write_json_atomic(
+        path, manifest.model_dump(mode="json", exclude_none=True)
+    )  # unset optional records left out
     return path
 
 

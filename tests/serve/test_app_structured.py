@@ -23,15 +23,15 @@ CALL_REPLY = (
 
 
 @pytest.fixture
-def engine(default_model):
-    fake = FakeEngine(default_model.path)
+def engine(real_tokenizer_dir):
+    fake = FakeEngine(real_tokenizer_dir)
     fake.max_model_len = 2048  # room for tool descriptions in the prompt
     return fake
 
 
 @pytest.fixture
-def tool_engine(default_model):
-    fake = FakeEngine(default_model.path, reply=CALL_REPLY)
+def tool_engine(real_tokenizer_dir):
+    fake = FakeEngine(real_tokenizer_dir, reply=CALL_REPLY)
     fake.max_model_len = 2048
     return fake
 

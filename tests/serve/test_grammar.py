@@ -22,10 +22,10 @@ SCHEMA = {
 
 
 @pytest.fixture(scope="module")
-def tokenizer(default_model):
+def tokenizer(real_tokenizer_dir):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(default_model.path)
+    return AutoTokenizer.from_pretrained(real_tokenizer_dir)
 
 
 @pytest.fixture(scope="module")
