@@ -48,6 +48,13 @@ class BaseModelRecord(_Record):
     sha256: str = Field("", description="sha256 of its weights (serve.artifacts.provenance.model_sha256)")
 
 
+class ToolsRecord(_Record):
+    """How the run's template wrote tools (LLaMA-Factory's tool format), so serving writes them the same way."""
+
+    format: str = Field(description="LLaMA-Factory's tool format, e.g. default, glm4, llama3, qwen")
+    default_system: str | None = Field(None, description="the template's system text for tool turns")
+
+
 class TemplateRecord(_Record):
     """The chat template the run trained with (LLaMA-Factory's name and how it relates to the tokenizer's)."""
 
@@ -60,6 +67,7 @@ class TemplateRecord(_Record):
     chat_template_sha256: str | None = Field(None, description="sha256 of the base tokenizer's template")
     saved_with_adapter: bool | None = Field(None, description="the output folder ships a chat template")
     saved_matches_base: bool | None = Field(None, description="that template is the base tokenizer's")
+    tools: ToolsRecord | None = Field(None, description="how tools were written in training (serve.tools)")
 
 
 class DatasetRecord(_Record):

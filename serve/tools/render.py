@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from serve.artifacts.run_manifest import RunManifest
 from serve.tools.formats import FORMATS, LLAMAFACTORY_FORMATS, Call, ToolFormat
 
 _TOOLS_VARIABLE = re.compile(r"\btools\b")
@@ -38,11 +39,11 @@ class ToolSupport:
     error: str | None = None
 
 
-def tool_support(chat_template: str | None, manifest: dict | None = None) -> ToolSupport:
+def tool_support(chat_template: str | None, manifest: RunManifest | None = None) -> ToolSupport:
     """How a model with this chat template (and, for an adapter, its run manifest) takes tools."""
-    tools = ((manifest or {}).get("template") or {}).get("tools")
-    if isinstance(tools, dict) and tools.get("format"):
-        return llamafactory_support(str(tools["format"]), tools.get("default_system"))
+    tools = manifest.template.tools if manifest is not None else None
+    if tools is not None and tools.format:
+        return llamafactory_support(tools.format, tools.default_system)
     if chat_template and _TOOLS_VARIABLE.search(chat_template):
         return ToolSupport(FORMATS[_native_format(chat_template)], True, source="chat template")
     return ToolSupport(FORMATS["hermes"], False, source="no tool support in the chat template: Hermes")

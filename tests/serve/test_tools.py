@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from serve.artifacts.run_manifest import RunManifest
 from serve.tools.formats import FORMATS, Call
 from serve.tools.parser import ToolCallParser, parse_reply
 from serve.tools.render import ToolsUnsupportedError, render_messages, tool_support
@@ -142,7 +143,12 @@ def test_hermes_fallback_writes_tools_into_the_system_message():
 
 
 def test_llamafactory_adapter_uses_the_format_and_system_prompt_it_was_trained_with():
-    manifest = {"template": {"name": "smollm2", "tools": {"format": "default", "default_system": "Be nice."}}}
+    manifest = RunManifest.model_validate(  # what llm-train records (serve.artifacts.run_manifest)
+        {
+            "base_model": {"name": "default"},
+            "template": {"name": "smollm2", "tools": {"format": "default", "default_system": "Be nice."}},
+        }
+    )
     support = tool_support("{{ messages }}", manifest)
     assert support.format.name == "react"
     messages, _ = render_messages(HISTORY, [WEATHER], support)
@@ -154,7 +160,10 @@ def test_llamafactory_adapter_uses_the_format_and_system_prompt_it_was_trained_w
 
 
 def test_unsupported_llamafactory_format_is_refused_with_the_reason():
-    support = tool_support(None, {"template": {"tools": {"format": "glm4"}}})
+    manifest = RunManifest.model_validate(
+        {"base_model": {"name": "default"}, "template": {"tools": {"format": "glm4"}}}
+    )
+    support = tool_support(None, manifest)
     with pytest.raises(ToolsUnsupportedError, match="glm4"):
         render_messages(HISTORY, [WEATHER], support)
 
