@@ -31,6 +31,23 @@ class AdapterError(UserError, ValueError):
     """An adapter cannot be served; the message says which file and what to do."""
 
 
+# Kinds of failure for adapters added while serving, each answered with its own HTTP status.
+class AdapterPathError(AdapterError):
+    """A path escapes every adapter directory (HTTP 403)."""
+
+
+class AdapterMissing(AdapterError):
+    """No adapter by that name or path, or it was deleted or unloaded (HTTP 404)."""
+
+
+class AdapterInvalid(AdapterError):
+    """The folder exists but cannot be served as it is (HTTP 400)."""
+
+
+class AdapterConflict(AdapterError):
+    """The adapter conflicts with what is served, e.g. it was trained on another base (HTTP 409)."""
+
+
 @dataclass
 class AdapterSpec:
     name: str

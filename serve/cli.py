@@ -1,6 +1,7 @@
 """`llm-serve`: an OpenAI-compatible server for a base model and its LoRA adapters.
 
-Run as: llm-serve [--model default|PATH] [--adapter [NAME=]PATH ...] [--port 8000] [--api-key KEY]
+Run as: llm-serve [--model default|PATH] [--adapter [NAME=]PATH ...] [--adapter-dir DIR ...]
+                 [--allow-runtime-lora] [--max-loras N] [--port 8000] [--api-key KEY]
 Settings come from defaults < `--config YAML` < flags. Adapters are checked before weights load.
 """
 
@@ -23,6 +24,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--adapter", dest="adapters", action="append", metavar="[NAME=]PATH", help=f["adapters"].description
     )
+    p.add_argument(
+        "--adapter-dir",
+        dest="adapter_dirs",
+        action="append",
+        metavar="DIR",
+        help=f["adapter_dirs"].description,
+    )
+    p.add_argument(
+        "--allow-runtime-lora", action="store_true", default=None, help=f["allow_runtime_lora"].description
+    )
+    p.add_argument("--max-loras", type=int, help=f["max_loras"].description)
+    p.add_argument("--max-cpu-loras", type=int, help=f["max_cpu_loras"].description)
+    p.add_argument("--max-lora-rank", type=int, help=f["max_lora_rank"].description)
     p.add_argument("--host", help=f["host"].description)
     p.add_argument("--port", type=int, help=f["port"].description)
     p.add_argument("--api-key", help=f["api_key"].description)
@@ -82,12 +96,14 @@ def _serve(args: dict) -> int:
     if warning:
         print(f"llm-serve: warning: {warning}", file=sys.stderr, flush=True)
 
-    from serve.preflight import preflight
+    from serve.preflight import AdapterChecker, preflight
 
     model, adapters = preflight(config)
 
     import uvicorn
 
+    from serve.adapter_dirs import AdapterRoots
+    from serve.adapter_registry import AdapterRegistry
     from serve.engine.factory import create_engine
     from serve.http.app import build_app
     from serve.served import ServedModels
@@ -99,8 +115,18 @@ def _serve(args: dict) -> int:
     base_id = config.served_model_name or model.served_id
 
     def make_served(eng) -> ServedModels:
+        def registry(make_model, list_model, reserved) -> AdapterRegistry:
+            checker = AdapterChecker(config, model)
+            roots = AdapterRoots(config.adapter_dirs)
+            return AdapterRegistry(eng, checker, roots, make_model, list_model, reserved)
+
         return ServedModels(
-            base_id, str(model.path), adapters, eng.tokenizer, aliases=(config.model, model.served_id)
+            base_id,
+            str(model.path),
+            adapters,
+            eng.tokenizer,
+            aliases=(config.model, model.served_id),
+            registry_factory=registry,
         )
 
     if config.port == 0:
@@ -112,9 +138,13 @@ def _serve(args: dict) -> int:
 
         mount_ui = make_ui_mounter(config)
     app = build_app(engine, config, make_served, mount_ui=mount_ui)
+    dirs = f", adapters below {', '.join(config.adapter_dirs)}" if config.adapter_dirs else ""
     print(
-        f"llm-serve: {base_id} + {len(adapters)} adapter(s) on http://{config.host}:{config.port}", flush=True
+        f"llm-serve: {base_id} + {len(adapters)} adapter(s){dirs} on http://{config.host}:{config.port}",
+        flush=True,
     )
+    if config.allow_runtime_lora:
+        print("llm-serve: runtime LoRA loading on (POST /v1/load_lora_adapter, /v1/unload_lora_adapter)")
     if config.ui:
         print(f"llm-serve: chat UI at http://{config.host}:{config.port}/ui/", flush=True)
     uvicorn.run(

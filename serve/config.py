@@ -48,6 +48,31 @@ class ServeConfig(BaseModel):
     adapters: list[str] = Field(
         default_factory=list, description="LoRA adapters as `NAME=PATH` or `PATH`; served by name."
     )
+    adapter_dirs: list[str] = Field(
+        default_factory=list,
+        description="Folders whose complete adapters (at any depth) are served by their relative path, "
+        "loaded on first request; new ones appear without a restart.",
+    )
+    allow_runtime_lora: bool = Field(
+        False,
+        description="Enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter (paths must lie in "
+        "an --adapter-dir; behind --api-key when set).",
+    )
+    max_loras: int | None = Field(
+        None, ge=1, le=256,
+        description="Adapters held in the batched LoRA weights at once (default: 4, or one per --adapter); "
+        "others wait for a slot.",
+    )  # fmt: skip
+    max_cpu_loras: int | None = Field(
+        None,
+        ge=1,
+        description="Adapters kept read in host memory (default: max_loras); others are read from disk.",
+    )
+    max_lora_rank: int | None = Field(
+        None, ge=1, le=512,
+        description="Largest LoRA rank servable; slots are sized for it (default: the largest rank at "
+        "start-up, at least 8).",
+    )  # fmt: skip
     host: str = Field("127.0.0.1", description="Interface to bind.")
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0 picks a free one).")
     api_key: str | None = Field(
@@ -165,6 +190,21 @@ class ServeConfig(BaseModel):
                 raise ValueError(
                     f"quantize={self.quantize} runs on CPU only; use --device cpu or --quantize none"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _runtime_lora_needs_a_root(self) -> ServeConfig:
+        if self.allow_runtime_lora and not self.adapter_dirs:
+            raise ValueError(
+                "allow_runtime_lora needs at least one adapter directory: add --adapter-dir DIR (e.g. "
+                "--adapter-dir saves), the folder runtime loading may read adapters from"
+            )
+        if (
+            self.max_cpu_loras is not None
+            and self.max_loras is not None
+            and self.max_cpu_loras < self.max_loras
+        ):
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
         return self
 
     def resolved_api_key(self) -> str | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 
+from serve.adapters import AdapterError
 from serve.engine.types import (
     EngineDeadError,
     EngineOverloadedError,
@@ -63,6 +64,12 @@ class NotFoundError(APIError):
     code = "model_not_found"
 
 
+class ConflictError(APIError):
+    status_code = 409
+    type = "invalid_request_error"
+    code = "conflict"
+
+
 class PayloadTooLargeError(APIError):
     status_code = 413
     type = "invalid_request_error"
@@ -108,7 +115,11 @@ def to_api_error(exc: BaseException) -> APIError:
     if isinstance(exc, EngineDeadError):
         return ServiceUnavailableError(f"the engine stopped ({exc}); restart the server", code="engine_dead")
     if isinstance(exc, UnknownAdapterError):
-        return NotFoundError(f"the model `{exc.name}` is not loaded in the engine", param="model")
+        # Engine keys of adapters loaded while serving are NAME@VERSION; the client knows NAME.
+        name = exc.name.rpartition("@")[0] or exc.name
+        return NotFoundError(f"the model `{name}` was unloaded or deleted", param="model")
+    if isinstance(exc, AdapterError):
+        return adapter_error(exc)
     if isinstance(exc, InvalidGenerationRequest):
         return BadRequestError(str(exc), param=exc.param)
     if isinstance(exc, GenerationFailedError):
@@ -118,3 +129,16 @@ def to_api_error(exc: BaseException) -> APIError:
         )
     logger.error("unexpected %s: %s", type(exc).__name__, exc, exc_info=exc)
     return InternalError("internal server error; see the server log")
+
+
+def adapter_error(exc: Exception) -> APIError:
+    """The API error for a refused adapter (serve.adapters' typed errors; messages carry no server paths)."""
+    from serve.adapters import AdapterConflict, AdapterMissing, AdapterPathError
+
+    if isinstance(exc, AdapterPathError):
+        return PermissionDeniedError(str(exc), param="lora_path")
+    if isinstance(exc, AdapterMissing):
+        return NotFoundError(str(exc), param="model", code="adapter_not_found")
+    if isinstance(exc, AdapterConflict):
+        return ConflictError(str(exc), param="model", code="adapter_conflict")
+    return BadRequestError(str(exc), param="model", code="adapter_invalid")

@@ -4,6 +4,10 @@
 /metrics on a server with an API key must not tell anyone the adapters' names, so there each adapter
 is labelled `adapter-<hash>` (the first 10 hex digits of sha256 of its name: stable across restarts,
 computable by whoever knows the name).
+
+Per-adapter residency figures (requests, tokens, loads into a LoRA slot and their time, resident or
+not, resident and known counts) come from the engine's adapter pool at scrape time (`AdapterCollector`),
+so the engine thread never touches a Prometheus object.
 """
 
 from __future__ import annotations
@@ -63,11 +67,18 @@ class Metrics:
         )
         self.prefix_cache = PrefixCacheCollector(r)
 
+        self.served = None  # set by the app once the engine is up: the known-adapter count
+        r.register(AdapterCollector(self))
+
     def model_label(self, model) -> str:
         """The `model` label of a served model (`serve.served.ServedModel`)."""
-        if model.adapter is None or not self.hide_adapter_names:
-            return model.id
-        return "adapter-" + hashlib.sha256(model.id.encode()).hexdigest()[:10]
+        return model.id if model.adapter is None else self.adapter_label(model.id)
+
+    def adapter_label(self, name: str) -> str:
+        """The label of an adapter by served name: the name, or its hash on an open /metrics."""
+        if not self.hide_adapter_names:
+            return name
+        return "adapter-" + hashlib.sha256(name.encode()).hexdigest()[:10]
 
     def render(self) -> bytes:
         stats = self.engine.stats()
@@ -105,3 +116,67 @@ class PrefixCacheCollector:
             if key in self.extra:
                 family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
                 yield family(name, doc, value=self.extra[key])
+
+
+class AdapterCollector:
+    """`llm_serve_adapter_*` series from `engine.adapter_stats()` (None: the engine has no pool)."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+        from serve.engine.adapter_pool import LOAD_BUCKETS
+
+        stats = self.metrics.engine.adapter_stats()
+        if stats is None:
+            return
+        label = ["adapter"]
+        requests = CounterMetricFamily("llm_serve_adapter_requests", "Requests per adapter.", labels=label)
+        prompt = CounterMetricFamily(
+            "llm_serve_adapter_prompt_tokens", "Prompt tokens per adapter.", labels=label
+        )
+        generated = CounterMetricFamily(
+            "llm_serve_adapter_generation_tokens", "Generated tokens per adapter.", labels=label
+        )
+        loads = CounterMetricFamily(
+            "llm_serve_adapter_loads", "Times an adapter was loaded into a LoRA slot.", labels=label
+        )
+        load_time = CounterMetricFamily(
+            "llm_serve_adapter_load_seconds",
+            "Time spent loading an adapter into a LoRA slot (reading its files when not in host memory, "
+            "then copying), summed.",
+            labels=label,
+        )
+        resident = GaugeMetricFamily(
+            "llm_serve_adapter_resident", "1 while the adapter holds a LoRA slot.", labels=label
+        )
+        for name, t in sorted(stats.totals.items()):
+            lbl = [self.metrics.adapter_label(name)]
+            requests.add_metric(lbl, t.requests)
+            prompt.add_metric(lbl, t.prompt_tokens)
+            generated.add_metric(lbl, t.generated_tokens)
+            loads.add_metric(lbl, t.loads)
+            load_time.add_metric(lbl, t.load_seconds)
+            resident.add_metric(lbl, 1.0 if stats.resident.get(name) else 0.0)
+        yield from (requests, prompt, generated, loads, load_time, resident)
+        yield GaugeMetricFamily(
+            "llm_serve_adapters_resident", "Adapters holding a LoRA slot.", value=sum(stats.resident.values())
+        )
+        yield GaugeMetricFamily("llm_serve_lora_slots", "LoRA slots (--max-loras).", value=stats.slots)
+        served = self.metrics.served
+        if served is not None:
+            known = sum(1 for m in served.all() if m.parent is not None)
+            yield GaugeMetricFamily(
+                "llm_serve_adapters_known", "Adapters servable now (listed in /v1/models).", value=known
+            )
+        hist = HistogramMetricFamily(
+            "llm_serve_adapter_load_duration_seconds", "Time to load one adapter into a LoRA slot."
+        )
+        buckets = [(str(b), c) for b, c in zip(LOAD_BUCKETS, stats.load_buckets, strict=True)]
+        hist.add_metric([], [*buckets, ("+Inf", stats.load_count)], sum_value=stats.load_sum)
+        yield hist

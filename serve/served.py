@@ -31,6 +31,9 @@ class ServedModel:
 
 
 class ServedModels:
+    """The base, its aliases and the adapters: start-up ones, and (with `registry`) folders below
+    `--adapter-dir` and runtime loads, which come and go while serving."""
+
     def __init__(
         self,
         base_id: str,
@@ -38,44 +41,77 @@ class ServedModels:
         adapters: list[AdapterSpec],
         tokenizer,
         aliases: tuple[str, ...] = (),
+        registry_factory=None,
     ):
         self.tokenizer = tokenizer
         base_template = getattr(tokenizer, "chat_template", None)
-        base_eos = read_folder(base_root).stop_token_ids(tokenizer, base_template)
-        self.base = ServedModel(base_id, None, base_root, None, base_template, base_eos)
+        self.base_eos = read_folder(base_root).stop_token_ids(tokenizer, base_template)
+        self.base = ServedModel(base_id, None, base_root, None, base_template, self.base_eos)
         self._by_id: dict[str, ServedModel] = {base_id: self.base}
         # Other names the base answers to (e.g. `default`), not listed in /v1/models.
         self._aliases = {a: self.base for a in aliases if a and a != base_id}
+        self.registry = None
+        if registry_factory is not None:
+            reserved = {base_id, *self._aliases}
+            self.registry = registry_factory(self.adapter_model, self.listed_folder, reserved)
         for spec in adapters:
-            facts = spec.facts or read_folder(spec.path)
-            # The base's stop ids plus the adapter's own EOS and its template's end of turn.
-            eos = list(base_eos)
-            for tid in facts.stop_token_ids(tokenizer, spec.chat_template or base_template):
-                if tid not in eos:
-                    eos.append(tid)
-            self._by_id[spec.name] = ServedModel(
-                spec.name,
-                spec.name,
-                str(spec.path),
-                base_id,
-                spec.chat_template or self.base.chat_template,
-                eos,
-                tool_support(spec.chat_template or self.base.chat_template, spec.manifest),
-            )
+            if self.registry is not None:
+                self.registry.add_startup(spec.name, spec)
+            else:
+                self._by_id[spec.name] = self.adapter_model(spec.name, spec, spec.name)
+
+    def adapter_model(self, name: str, spec: AdapterSpec, key: str) -> ServedModel:
+        """The served entry of one adapter version (`key`: its engine key)."""
+        facts = spec.facts or read_folder(spec.path)
+        template = spec.chat_template or self.base.chat_template
+        # The base's stop ids plus the adapter's own EOS and its template's end of turn.
+        eos = list(self.base_eos)
+        for tid in facts.stop_token_ids(self.tokenizer, template):
+            if tid not in eos:
+                eos.append(tid)
+        return ServedModel(
+            name, key, str(spec.path), self.base.id, template, eos, tool_support(template, spec.manifest)
+        )
+
+    def listed_folder(self, name: str, path) -> ServedModel:
+        """A folder in an adapter directory, listed before its first request (not servable as is)."""
+        return ServedModel(name, None, str(path), self.base.id, None)
 
     def all(self) -> list[ServedModel]:
-        return list(self._by_id.values())
+        extra = self.registry.listed() if self.registry is not None else []
+        return [*self._by_id.values(), *extra]
 
     def get(self, model_id: str | None) -> ServedModel:
+        """The base or an adapter known now (start-up, runtime-loaded, or a folder already requested)."""
         if not model_id:
             return self.base
+        found = self._by_id.get(model_id) or self._aliases.get(model_id)
+        if found is None and self.registry is not None:
+            found = self.registry.current(model_id)
+        if found is None:
+            raise self._not_found(model_id)
+        return found
+
+    async def resolve(self, model_id: str | None) -> ServedModel:
+        """`get`, then the adapter directories: a folder is checked and loaded on its first request."""
         try:
-            return self._by_id.get(model_id) or self._aliases[model_id]
-        except KeyError:
-            raise NotFoundError(
-                f"The model `{model_id}` does not exist. Available models: {', '.join(self._by_id)}",
-                param="model",
-            ) from None
+            return self.get(model_id)
+        except NotFoundError:
+            if self.registry is None or not self.registry.roots:
+                raise
+        from serve.adapters import AdapterMissing
+
+        try:
+            return await self.registry.resolve(model_id)
+        except AdapterMissing:
+            raise self._not_found(model_id) from None
+
+    def _not_found(self, model_id: str) -> NotFoundError:
+        names = [m.id for m in self.all()]
+        shown = ", ".join(names[:20]) + (f" and {len(names) - 20} more" if len(names) > 20 else "")
+        return NotFoundError(
+            f"The model `{model_id}` does not exist. Available models: {shown}", param="model"
+        )
 
     def render_chat(
         self,

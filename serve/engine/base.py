@@ -1,9 +1,11 @@
 """The narrow interface every engine implements (transformers+PEFT, vLLM, test fakes).
 
-An engine is built once at start-up with the base model and every adapter; after that it only
-generates. Cancellation is cooperative: closing the async iterator returned by `generate` (which
-happens when the HTTP client disconnects) aborts the request and frees its slot. `health` says
-whether it can serve: /health, /ready and every route read it, so a dead engine answers 503 at once.
+An engine is built once at start-up with the base model and its start-up adapters; adapters found
+or loaded while serving are added and removed by key (`add_adapter`, `remove_adapter`), each
+version under its own key, so a request keeps the weights it started with. Cancellation is
+cooperative: closing the async iterator returned by `generate` (which happens when the HTTP client
+disconnects) aborts the request and frees its slot. `health` says whether it can serve: /health,
+/ready and every route read it, so a dead engine answers 503 at once.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Literal
 
+from serve.adapters import AdapterError, AdapterSpec
 from serve.engine.types import GenerationOutput, GenerationRequest
 
 
@@ -75,3 +78,23 @@ class Engine(abc.ABC):
     def ready(self) -> bool:
         """True once the engine has produced a token (a warm-up or a real request) and still serves."""
         return self.health.state == "ready"
+
+    # Adapters added while serving. The defaults suit an engine that serves only its start-up adapters.
+
+    def check_adapter(self, spec: AdapterSpec) -> None:
+        """Engine-specific checks run before any weights are read (rank, unsupported layers);
+        raises an AdapterError subclass saying what to do."""
+        return None
+
+    async def add_adapter(self, key: str, spec: AdapterSpec) -> None:
+        """Make `spec` servable as `key` (reads its weights into host memory; errors raise here)."""
+        raise AdapterError(f"this engine cannot add adapters while serving ({type(self).__name__})")
+
+    def remove_adapter(self, key: str, successor: str | None = None) -> None:
+        """No new requests for `key` (requests that resolved it go to `successor`, when given);
+        its running requests finish on its weights, then it is freed."""
+        return None
+
+    def adapter_stats(self):
+        """Per-adapter load figures (`adapter_pool.PoolStats`) for /metrics, or None."""
+        return None

@@ -33,6 +33,7 @@ class Dense:
 
     `weight` may carry `lead` extra rows before the output rows: a projection's LoRA A matrices,
     computed in the same matmul (`with_lead`) when a step has adapter rows; `__call__` skips them.
+    Lead rows are rewritten in place when an adapter is loaded into a slot (`write_lead`).
     """
 
     __slots__ = ("weight", "bias", "weight_t", "cpu", "lead", "w", "w_t")
@@ -62,14 +63,23 @@ class Dense:
         y = x @ self.w_t if m == 1 and self.w_t is not None else (self.w @ x.t()).t()
         return y if self.bias is None else y + self.bias
 
-    def with_lead(self, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
-        """All rows, lead included, without bias: `([M, lead + N], False)` or `([lead + N, M], True)`."""
+    def with_lead(self, x: torch.Tensor, skip: int = 0) -> tuple[torch.Tensor, bool]:
+        """Rows from `skip` on (lead rows included), without bias: `([M, lead - skip + N], False)` or
+        `([lead - skip + N, M], True)`. Skipping leading rows costs nothing: both layouts slice as views."""
         m = x.shape[0]
         if not self.cpu or m > SMALL_M:
-            return F.linear(x, self.weight), False
+            return F.linear(x, self.weight[skip:]), False
         if m == 1 and self.weight_t is not None:
-            return x @ self.weight_t, False
-        return self.weight @ x.t(), True
+            return x @ self.weight_t[:, skip:], False
+        return self.weight[skip:] @ x.t(), True
+
+    def write_lead(self, start: int, rows: torch.Tensor) -> None:
+        """Overwrite lead rows `[start, start + len(rows))` in the weight and its transposed copy."""
+        end = start + rows.shape[0]
+        assert end <= self.lead, "only lead rows are rewritten after load"
+        self.weight[start:end].copy_(rows)
+        if self.weight_t is not None:
+            self.weight_t[:, start:end].copy_(rows.t())
 
 
 def tune_single_row(denses: list[Dense], max_extra_bytes: int | None = None) -> int:

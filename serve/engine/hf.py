@@ -10,14 +10,14 @@ requests for different adapters and the base share one batch.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from serve.adapters import AdapterSpec
+from serve.adapters import AdapterInvalid, AdapterSpec
 from serve.config import ServeConfig, resolve_dtype, resolve_max_model_len
 from serve.engine.base import Engine, EngineHealth, EngineStats
 from serve.engine.detokenizer import IncrementalDetokenizer
@@ -29,15 +29,19 @@ from serve.engine.types import (
     GenerationRequest,
     SamplingParams,
     TokenLogprob,
-    UnknownAdapterError,
 )
 from serve.models import ResolvedModel
+
+if TYPE_CHECKING:
+    from serve.engine.adapter_pool import AdapterPool
 
 logger = logging.getLogger(__name__)
 
 # Prompt tokens a step carries when nothing decodes: prefill throughput peaks there on the 2-core
 # CPU (655 vs 597 tok/s at 256) and a burst of prompts reaches its first tokens sooner.
 DEFAULT_BATCHED_TOKENS = 512
+DEFAULT_MAX_LORAS = 4  # LoRA slots when --max-loras is not given (or one per start-up adapter, if more)
+DEFAULT_MAX_LORA_RANK = 8  # slot rank when neither --max-lora-rank nor a larger adapter says otherwise
 
 
 @dataclass
@@ -55,10 +59,9 @@ class HFEngine(Engine):
         self.config = config
         self.resolved = model
         self.adapter_specs = adapters
-        self._adapter_index = {a.name: i for i, a in enumerate(adapters)}
-        # Prefix-cache namespace of each adapter index (-1: the base): a per-load id, never reused.
-        self._load_ids = itertools.count()
-        self._adapter_keys = {i: next(self._load_ids) for i in range(-1, len(adapters))}
+        self.lora_pool: AdapterPool | None = None  # LoRA adapters and their slots; built by `load`
+        self.max_loras = config.max_loras or max(DEFAULT_MAX_LORAS, len(adapters))
+        self.max_lora_rank = config.max_lora_rank or max([DEFAULT_MAX_LORA_RANK, *(a.rank for a in adapters)])
         self._cache_drops: list = []  # adapter keys whose cached prefixes to forget (engine thread)
         self._ready = False
         self._dead: str | None = None
@@ -96,7 +99,7 @@ class HFEngine(Engine):
 
         from serve.engine.kv_cache import ATTN_IMPLEMENTATION, SlotKVCache, register_attention
         from serve.engine.kv_pool import PrefixKVPool
-        from serve.engine.lora import LoRAContext, install_adapters
+        from serve.engine.lora import LoRAContext, TransformersLoRA
         from serve.engine.prefix_cache import PrefixCache
 
         cfg = self.config
@@ -116,12 +119,14 @@ class HFEngine(Engine):
         self.vocab_size = int(mc.vocab_size)  # rows of the LM head: the grammar masks this many logits
         self.native = self._build_native(model)
         if self.native is None:
-            install_adapters(model, [(a.name, a.path) for a in self.adapter_specs], self.lora_ctx)
+            slot_model = TransformersLoRA(model, self.lora_ctx, self.max_lora_rank)
             self.decoder = model.get_decoder()
             self.lm_head = model.get_output_embeddings()
         else:
+            slot_model = self.native
             self.lm_head = self.native.lm_head
             model = None  # the native model holds the weights it needs; drop the rest
+        self._load_adapters(slot_model)
         self.impl = "transformers" if self.native is None else "native"
         head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
         kv_heads = getattr(mc, "num_key_value_heads", None) or mc.num_attention_heads
@@ -162,15 +167,36 @@ class HFEngine(Engine):
             prefix_cache=prefix_cache,
             load_cached=self.pool.load if self.pool else None,
             save_cached=self.pool.save if self.pool else None,
+            admit=self.lora_pool.admit,
         )
         logger.info(
-            "loaded %s on %s (%s, %s) in %.1f s; %d adapters; %d slots x %d tokens (KV %.2f GiB max); "
-            "prefix cache %d tokens (%.2f GiB)",
+            "loaded %s on %s (%s, %s) in %.1f s; %d adapters, %d LoRA slots of rank %d; "
+            "%d sequences x %d tokens (KV %.2f GiB max); prefix cache %d tokens (%.2f GiB)",
             self.resolved.served_id, device, str(dtype).removeprefix("torch."),
             self.impl if cfg.quantize == "none" else f"{self.impl}, {cfg.quantize} projections", time.monotonic() - t0,
-            len(self.adapter_specs), slots, self.max_model_len, per_slot * slots / 2**30,
-            self.pool.rows if self.pool else 0, self.pool.nbytes / 2**30 if self.pool else 0.0,
+            len(self.adapter_specs), self.max_loras, self.max_lora_rank, slots, self.max_model_len,
+            per_slot * slots / 2**30, self.pool.rows if self.pool else 0,
+            self.pool.nbytes / 2**30 if self.pool else 0.0,
         )  # fmt: skip
+
+    def _load_adapters(self, slot_model) -> None:
+        """The adapter pool, with the start-up adapters read (errors raise here) and the first
+        `max_loras` of them in slots."""
+        from serve.engine.adapter_pool import AdapterPool
+
+        host = self.config.max_cpu_loras or self.max_loras
+        # A freed adapter version's prefixes can never be asked for again (its id is not reused).
+        self.lora_pool = AdapterPool(
+            slot_model,
+            self.max_loras,
+            host,
+            wake=self._wake.set,
+            on_free=lambda aid: self.scheduler.drop_cached(aid),
+        )
+        for spec in self.adapter_specs:
+            self.lora_pool.register(spec.name, spec.name, spec.path)
+            self.lora_pool.prepare_now(spec.name)
+            self.lora_pool.install_now(spec.name)
 
     def _build_native(self, model):
         """The native decoder with every adapter loaded, or None to run transformers' code."""
@@ -197,9 +223,7 @@ class HFEngine(Engine):
                 raise QuantizationError("quantize=int8 runs on CPU only; use --device cpu or --quantize none")
             check_int8_support()
         native = llama.NativeLlama(model, self.lora_ctx, self.max_model_len)
-        for index, spec in enumerate(self.adapter_specs):
-            native.add_adapter(index, spec.name, spec.path)
-        native.finalize(quantize=quantize)
+        native.finalize(self.max_loras, self.max_lora_rank, quantize=quantize)
         extra = tune_single_row([d for d in native.denses() if isinstance(d, Dense)])
         if extra:
             logger.info("one-row matmuls: %.0f MB of transposed weight copies", extra / 2**20)
@@ -231,6 +255,8 @@ class HFEngine(Engine):
         self._wake.set()
         if self._thread:
             await asyncio.to_thread(self._thread.join, 10)
+        if self.lora_pool is not None:
+            self.lora_pool.shutdown()
 
     # ------------------------------------------------------------------ interface
 
@@ -249,7 +275,26 @@ class HFEngine(Engine):
         return EngineHealth("ready") if self._ready else EngineHealth("loading")
 
     def adapter_names(self) -> list[str]:
-        return list(self._adapter_index)
+        return self.lora_pool.keys() if self.lora_pool is not None else [a.name for a in self.adapter_specs]
+
+    def check_adapter(self, spec: AdapterSpec) -> None:
+        if spec.rank > self.max_lora_rank:
+            raise AdapterInvalid(
+                f"adapter {spec.name!r} has LoRA rank {spec.rank}, above the server's --max-lora-rank "
+                f"{self.max_lora_rank}; restart llm-serve with --max-lora-rank {spec.rank} (or higher)"
+            )
+
+    async def add_adapter(self, key: str, spec: AdapterSpec) -> None:
+        self.check_adapter(spec)
+        self.lora_pool.register(key, spec.name, spec.path)
+        await self.lora_pool.prepare(key)
+
+    def remove_adapter(self, key: str, successor: str | None = None) -> None:
+        if self.lora_pool is not None:
+            self.lora_pool.retire(key, successor)
+
+    def adapter_stats(self):
+        return self.lora_pool.stats() if self.lora_pool is not None else None
 
     def stats(self) -> EngineStats:
         sched = self.scheduler
@@ -270,7 +315,7 @@ class HFEngine(Engine):
     def drop_cached_prefixes(self, adapter: str | None) -> None:
         """Forget the prefix cache's keys/values of `adapter` (None: the base), e.g. before its
         weights change; takes effect before the next step. Thread-safe."""
-        key = self._adapter_keys[self._adapter_index[adapter] if adapter else -1]
+        key = self.lora_pool.id_of(adapter) if adapter else -1
         with self._lock:
             self._cache_drops.append(key)
         self._wake.set()
@@ -281,8 +326,6 @@ class HFEngine(Engine):
             raise EngineDeadError(health.detail or "the engine is not running")
         if len(self.scheduler.waiting) + len(self._incoming) >= self.config.max_queue:
             raise EngineOverloadedError(f"the request queue is full ({self.config.max_queue} waiting)")
-        if request.adapter is not None and request.adapter not in self._adapter_index:
-            raise UnknownAdapterError(request.adapter)
         from serve.engine.sampling import make_generator
 
         grammar = None
@@ -293,8 +336,10 @@ class HFEngine(Engine):
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[GenerationOutput] = asyncio.Queue()
         p = request.params
-        index = self._adapter_index[request.adapter] if request.adapter else -1
-        seq = Sequence(request, index, adapter_key=self._adapter_keys[index])
+        adapter_id = -1
+        if request.adapter is not None:
+            adapter_id = self.lora_pool.acquire(request.adapter, len(request.prompt_token_ids)).id
+        seq = Sequence(request, adapter_id, adapter_held=adapter_id >= 0)
         seq.state = _SeqState(
             detok=IncrementalDetokenizer(self.tokenizer, p.stop),
             generator=make_generator(p.seed, self.device),
@@ -328,6 +373,10 @@ class HFEngine(Engine):
             with torch.inference_mode():
                 while not self._stop:
                     self._drain()
+                    for adapter_id, error in self.lora_pool.place(self.scheduler.waiting):
+                        for seq in [s for s in self.scheduler.waiting if s.adapter_index == adapter_id]:
+                            self._finish(seq, "error", error=error)
+                            self._remove(seq)
                     if not self.scheduler.has_work:
                         self._wake.wait(0.5)
                         self._wake.clear()
@@ -416,7 +465,7 @@ class HFEngine(Engine):
         for seq in seqs:
             if not seq.finished:
                 self._finish(seq, "error", error=reason)
-                self.scheduler.remove(seq, cache=False)
+                self._remove(seq, cache=False)
 
     def _drain(self) -> None:
         with self._lock:
@@ -430,7 +479,13 @@ class HFEngine(Engine):
         if aborts:
             for seq in [*self.scheduler.running, *self.scheduler.waiting]:
                 if seq.request.request_id in aborts:
-                    self.scheduler.remove(seq)
+                    self._remove(seq)
+
+    def _remove(self, seq: Sequence, cache: bool = True) -> None:
+        """Take a finished or aborted sequence out of the batch and release its adapter."""
+        was_running = seq.slot >= 0
+        self.scheduler.remove(seq, cache=cache)
+        self.lora_pool.released(seq, was_running)
 
     def _step(self, plan: StepPlan) -> None:
         import torch
@@ -444,13 +499,13 @@ class HFEngine(Engine):
         for seq in plan.decode:
             tokens.append(seq.output_ids[-1])
             positions.append(seq.num_computed)
-            adapters.append(seq.adapter_index)
+            adapters.append(seq.lora_slot)
         segments = []
         for chunk in plan.prefill:
             offset = len(tokens)
             tokens += chunk.seq.prompt_ids[chunk.start : chunk.start + chunk.length]
             positions += range(chunk.start, chunk.start + chunk.length)
-            adapters += [chunk.seq.adapter_index] * chunk.length
+            adapters += [chunk.seq.lora_slot] * chunk.length
             segments.append(PrefillSegment(chunk.seq.slot, chunk.start, chunk.length, offset))
             self.cache.mark_written(chunk.seq.slot, chunk.start + chunk.length)
         dev = self.device
@@ -579,7 +634,7 @@ class HFEngine(Engine):
             st.sent_prompt_logprobs = True
         self._pending.append((st, out))
         if finish:
-            self.scheduler.remove(seq)
+            self._remove(seq)
             self._answered += 1
 
     def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:

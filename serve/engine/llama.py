@@ -5,8 +5,8 @@ multiplies with `x @ W.T`; a one-token step of the 135M default model spends ~10
 matmuls that way. This runs the same math in ~15 ops per layer: q/k/v and gate/up packed into one
 matmul each (`gemm.Dense`, which picks the fastest formulation for the row count), RoPE as one
 complex multiply (q/k rows are permuted at load into interleaved pairs; permuting q and k alike
-leaves every q.k unchanged), fused RMSNorm, and `kv_cache.attend`. LoRA deltas of all adapters
-are applied per token, their A matrices fused into the base matmul (`Projection`).
+leaves every q.k unchanged), fused RMSNorm, and `kv_cache.attend`. LoRA deltas of the adapters
+in the engine's slots are applied per token, their A matrices fused into the base matmul (`Projection`).
 
 Weights are taken from the loaded transformers model (no second read of the checkpoint). Models it
 does not cover keep running through transformers; `unsupported_reason` says why.
@@ -25,8 +25,8 @@ from serve.engine.kv_cache import StepLayout, attend
 from serve.engine.lora import (
     LoRAContext,
     LoRALoadError,
+    check_rank,
     checked_pair,
-    column_owners,
     lora_scale,
     read_adapter_weights,
 )
@@ -65,14 +65,21 @@ def _rope_pairs(heads: int, head_dim: int) -> torch.Tensor:
 class Projection:
     """One matmul standing for one or several Linears of the checkpoint, plus their LoRA deltas.
 
-    The A matrices of every adapter are stacked above the base weight, so a step with adapter rows
-    gets `x @ A.T` from the same matmul as the base output (one BLAS call instead of two); then one
-    `addmm` adds `B @ xA` (the row's own adapter's columns only, by mask, when adapters mix). Packed
-    projections (q/k/v) get a block B. Base-only steps read just the base rows.
+    The A matrices of the adapters in the engine's LoRA slots are stacked above the base weight, so
+    a step with adapter rows gets `x @ A.T` from the same matmul as the base output (one BLAS call
+    instead of two); then one `addmm` adds `B @ xA` (the row's own slot's columns only, by mask,
+    when adapters mix). Packed projections (q/k/v) get a block B. Base-only steps read just the
+    base rows.
 
-    Quantized (`finalize(quantize=True)`): the base rows become an `Int8Dense` and the A matrices
-    stay in float beside it (`a_cat`, one extra small matmul on steps with adapter rows), so
-    adapters add exactly the float delta they add to the f32 model.
+    Slots are preallocated at the server's max rank (`width` lead rows each, zero where an adapter
+    has a lower rank or does not target this projection), so loading an adapter is copying its A/B
+    into its slot's rows: nothing else moves and no other slot is touched. Slot `s` sits at lead rows
+    `[(slots - 1 - s) * width, ...)`: slot 0 next to the base rows, so a step computes only the lead
+    rows from the highest slot in use down (`skip`), and a server using 1 of 8 slots pays for 1.
+
+    Quantized (`finalize(..., quantize=True)`): the base rows become an `Int8Dense` and the slots' A
+    rows stay in float beside it (`a_lead`, same layout; one extra small matmul on steps with adapter
+    rows), so adapters add exactly the float delta they add to the f32 model.
     """
 
     def __init__(self, parts: dict[str, tuple[nn.Linear, torch.Tensor | None]], ctx: LoRAContext):
@@ -91,82 +98,107 @@ class Projection:
         self.bias = (torch.cat(biases) if len(biases) > 1 else biases[0]) if has_bias else None
         self.out_features = start
         self.ctx = ctx
-        self.dense: Dense | Int8Dense | None = None  # built by `finalize`, once every adapter is known
+        self.dense: Dense | Int8Dense | None = None  # built by `finalize`
         self.quantized = False
-        self.a_cat: torch.Tensor | None = None  # quantized only: every adapter's A, `[sum r, in]`
-        self.lora_a: dict[int, torch.Tensor] = {}  # adapter index -> [r, in]
-        self.lora_b: dict[int, torch.Tensor] = {}  # adapter index -> [out, r], scaled, block for packed parts
-        self.columns: dict[int, tuple[int, int]] = {}  # adapter index -> (first lead row, rank)
-        self.b_cat = self.col_adapter = None
+        self.a_lead: torch.Tensor | None = None  # quantized only: the slots' A rows, `[lead, in]`
+        self.slots = self.width = self.skip = 0
+        self.used: dict[int, int] = {}  # slot -> columns its adapter uses here (absent: not targeted)
+        self.b_cat: torch.Tensor | None = None  # [out, lead]: column j is the B column of lead row j
+        self.col_slot: torch.Tensor | None = None  # [lead]: the slot owning each lead row
 
-    def add_adapter(self, index: int, ab: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """`ab`: part name -> (A `[r, in]`, scaled B `[out, r]`) for the parts this adapter targets."""
-        w = self.pieces[0]
-        rank = sum(a.shape[0] for a, _ in ab.values())
-        b_block = w.new_zeros(self.out_features, rank)
-        col = 0
-        for name, (a, b) in ab.items():
-            start, out, _, rows = self.parts[name]
-            b_block[start : start + out, col : col + a.shape[0]] = b[rows] if rows is not None else b
-            col += a.shape[0]
-        self.lora_a[index] = torch.cat([a for a, _ in ab.values()]).to(w)
-        self.lora_b[index] = b_block.contiguous()
-
-    def finalize(self, quantize: bool = False) -> None:
-        """Build the one weight: every adapter's A stacked above the packed base rows (one copy;
-        a copy even for a lone Linear: transformers may load the checkpoint as one buffer, which
+    def finalize(self, slots: int, max_rank: int, quantize: bool = False) -> None:
+        """Build the one weight: `slots` empty LoRA slots above the packed base rows (one copy; a
+        copy even for a lone Linear: transformers may load the checkpoint as one buffer, which
         would stay alive, whole, while any tensor viewing it does). Quantized: the base rows in
-        int8, the A matrices in float beside them."""
-        order = sorted(self.lora_a)
-        lead = 0
-        for i in order:
-            self.columns[i] = (lead, self.lora_a[i].shape[0])
-            lead += self.lora_a[i].shape[0]
-        device = self.pieces[0].device
+        int8, the slots' A rows in float beside them."""
+        w = self.pieces[0]
+        self.in_features = w.shape[1]
+        self.slots, self.width = slots, max_rank * len(self.parts)
+        lead = slots * self.width
         if quantize:
             self.quantized = True
             base = torch.cat(self.pieces) if len(self.pieces) > 1 else self.pieces[0]
             self.dense = Int8Dense(base, self.bias)
-            if order:
-                self.a_cat = torch.cat([self.lora_a[i] for i in order]).contiguous()
+            self.a_lead = w.new_zeros(lead, w.shape[1]) if lead else None
         else:
-            rows = [*(self.lora_a[i] for i in order), *self.pieces]
+            rows = [w.new_zeros(lead, w.shape[1])] if lead else []
+            rows += self.pieces
             self.dense = Dense(torch.cat(rows) if len(rows) > 1 else rows[0].clone(), self.bias, lead=lead)
         self.pieces = []
-        if order:
-            self.b_cat = torch.cat([self.lora_b[i] for i in order], dim=1).contiguous()
-            self.col_adapter = self.ctx.shared(column_owners({i: self.columns[i][1] for i in order}, device))
+        self.skip = lead
+        if lead:
+            self.b_cat = w.new_zeros(self.out_features, lead)
+            owners = torch.arange(slots - 1, -1, -1).repeat_interleave(self.width)
+            self.col_slot = self.ctx.shared(owners.to(w.device))
+
+    def row0(self, slot: int) -> int:
+        return (self.slots - 1 - slot) * self.width
+
+    def _write_lead(self, start: int, rows: torch.Tensor) -> None:
+        if self.quantized:
+            self.a_lead[start : start + rows.shape[0]].copy_(rows)
+        else:
+            self.dense.write_lead(start, rows)
+
+    def load_slot(self, slot: int, ab: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """`ab`: part name -> (A `[r, in]`, scaled B `[out, r]`, rows already in the packed order)."""
+        start, width = self.row0(slot), self.width
+        a_rows = self.b_cat.new_zeros(width, self.in_features)
+        b_block = self.b_cat[:, start : start + width]
+        b_block.zero_()
+        col = 0
+        for name, (a, b) in ab.items():
+            first, out, _, _ = self.parts[name]
+            r = a.shape[0]
+            a_rows[col : col + r] = a
+            b_block[first : first + out, col : col + r] = b
+            col += r
+        self._write_lead(start, a_rows)
+        self.used[slot] = col
+        self.skip = min(self.row0(s) for s in self.used)
+
+    def clear_slot(self, slot: int) -> None:
+        if self.used.pop(slot, None) is None:
+            return
+        start = self.row0(slot)
+        self._write_lead(start, self.b_cat.new_zeros(self.width, self.in_features))
+        self.b_cat[:, start : start + self.width].zero_()
+        self.skip = min((self.row0(s) for s in self.used), default=self.slots * self.width)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         ctx, dense = self.ctx, self.dense
         single = ctx.single
-        if not self.columns or (single is not None and single not in self.columns):
+        if not self.used or (single is not None and single not in self.used):
             return dense(x)  # base rows only, or an adapter that does not target this projection
+        skip = self.skip
+        if single is not None:
+            first, cols = self.row0(single), self.used[single]
+            b = self.b_cat[:, first : first + cols]
         if self.quantized:
             y = dense(x)  # [M, N], bias added
             if single is not None:
-                first, r = self.columns[single]
-                xa = x @ self.a_cat[first : first + r].t()
-                return y.addmm_(xa, self.lora_b[single].t())
-            xa = (x @ self.a_cat.t()) * ctx.mask_for(self.col_adapter, x.dtype)
-            return y.addmm_(xa, self.b_cat.t())
-        full, transposed = dense.with_lead(x)
-        lead = dense.lead
-        if transposed:  # [lead + N, M]
-            xa, y = full[:lead], full[lead:]
+                return y.addmm_(x @ self.a_lead[first : first + cols].t(), b.t())
+            xa = (x @ self.a_lead[skip:].t()) * ctx.mask_for(self.col_slot, x.dtype)[:, skip:]
+            return y.addmm_(xa, self.b_cat[:, skip:].t())
+        full, transposed = dense.with_lead(x, skip)
+        n_lead = dense.lead - skip
+        if single is not None:
+            first -= skip
+        if transposed:  # [n_lead + N, M]
+            xa, y = full[:n_lead], full[n_lead:]
             if single is not None:
-                first, r = self.columns[single]
-                y.addmm_(self.lora_b[single], xa[first : first + r])
+                y.addmm_(b, xa[first : first + cols])
             else:
-                y.addmm_(self.b_cat, xa * ctx.mask_t_for(self.col_adapter, x.dtype))
+                y.addmm_(self.b_cat[:, skip:], xa * ctx.mask_t_for(self.col_slot, x.dtype)[skip:])
             y = y.t()
-        else:  # [M, lead + N]
-            xa, y = full[:, :lead], full[:, lead:]
+        else:  # [M, n_lead + N]
+            xa, y = full[:, :n_lead], full[:, n_lead:]
             if single is not None:
-                first, r = self.columns[single]
-                y = torch.addmm(y, xa[:, first : first + r], self.lora_b[single].t())
+                y = torch.addmm(y, xa[:, first : first + cols], b.t())
             else:
-                y = torch.addmm(y, xa * ctx.mask_for(self.col_adapter, x.dtype), self.b_cat.t())
+                y = torch.addmm(
+                    y, xa * ctx.mask_for(self.col_slot, x.dtype)[:, skip:], self.b_cat[:, skip:].t()
+                )
         return y if dense.bias is None else y + dense.bias
 
 
@@ -178,7 +210,7 @@ class NativeLlama:
     """`forward(input_ids [T], positions [T], layout) -> hidden [T, H]`; `lm_head(hidden) -> logits`.
 
     Takes the weights out of `model` (its copied Linears are removed as it goes, so the checkpoint
-    is not held twice); add adapters, then `finalize()`.
+    is not held twice); `finalize(slots, max_rank)` once, then `install`/`clear` adapters in slots.
     """
 
     def __init__(self, model: nn.Module, ctx: LoRAContext, max_model_len: int):
@@ -232,10 +264,17 @@ class NativeLlama:
             out += [layer.qkv.dense, layer.o.dense, layer.gate_up.dense, layer.down.dense]
         return out
 
-    def add_adapter(self, index: int, name: str, path: Path) -> None:
+    def projections(self) -> list[Projection]:
+        return [p for layer in self.layers for p in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+
+    def prepare(self, name: str, path: Path) -> list[tuple[int, dict]]:
+        """Read and check an adapter into host memory, laid out for `install` (safe in any thread:
+        it reads the model's shapes only). Returns `[(projection index, {part: (A, scaled B)})]`."""
         cfg, modules = read_adapter_weights(path)
         _, scale = lora_scale(cfg)
-        per_projection: dict[int, tuple[Projection, dict]] = {}
+        index = {id(p): i for i, p in enumerate(self._projections)}
+        max_rank = self._projections[0].width // len(self._projections[0].parts)
+        per_projection: dict[int, dict] = {}
         for module_name, ab in modules.items():
             target = self.targets.get(module_name)
             if target is None:
@@ -244,23 +283,46 @@ class NativeLlama:
                     "attention and MLP projections can be served per request; merge it with llm-export)"
                 )
             proj, part = target
-            _, out, in_features, _ = proj.parts[part]
+            _, out, in_features, rows = proj.parts[part]
             a, b = checked_pair(name, module_name, ab, in_features, out)
-            per_projection.setdefault(id(proj), (proj, {}))[1][part] = (a, b * scale)
-        for proj, ab in per_projection.values():
-            proj.add_adapter(index, ab)
+            check_rank(name, a.shape[0], max_rank)
+            b = b[rows] if rows is not None else b
+            per_projection.setdefault(index[id(proj)], {})[part] = (
+                a.to(self.dtype),
+                b.to(self.dtype) * scale,
+            )
+        # Parts in the projection's own order, so a slot's columns are laid out the same every load.
+        return [
+            (i, {part: ab[part] for part in self._projections[i].parts if part in ab})
+            for i, ab in sorted(per_projection.items())
+        ]
 
-    def finalize(self, quantize: str = "none", quantize_lm_head: bool = False) -> None:
-        """Build every projection's weight; call once, after `add_adapter` for each adapter.
+    def finalize(
+        self, slots: int, max_rank: int, quantize: str = "none", quantize_lm_head: bool = False
+    ) -> None:
+        """Build every projection's weight with `slots` empty LoRA slots of rank `max_rank`; once.
 
         `quantize="int8"`: weight-only int8 for the attention and MLP projections (the embedding,
         norms and, unless `quantize_lm_head`, the LM head stay in float)."""
         int8 = quantize == "int8"
-        for layer in self.layers:
-            for proj in (layer.qkv, layer.o, layer.gate_up, layer.down):
-                proj.finalize(quantize=int8)
+        self._projections = self.projections()
+        for proj in self._projections:
+            proj.finalize(slots, max_rank, quantize=int8)
         if int8 and quantize_lm_head:
             self.lm_head_dense = Int8Dense(self.lm_head_dense.weight)
+
+    def install(self, slot: int, prepared: list[tuple[int, dict]]) -> None:
+        """Copy a prepared adapter into `slot` (engine thread, between steps)."""
+        self.clear(slot)
+        device = self.embed.device
+        for i, ab in prepared:
+            self._projections[i].load_slot(
+                slot, {k: (a.to(device), b.to(device)) for k, (a, b) in ab.items()}
+            )
+
+    def clear(self, slot: int) -> None:
+        for proj in self._projections:
+            proj.clear_slot(slot)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, layout: StepLayout) -> torch.Tensor:
         t, d, nq, nkv = input_ids.shape[0], self.head_dim, self.heads, self.kv_heads

@@ -1,9 +1,11 @@
 """Batched multi-LoRA: many adapters applied per token inside one forward pass.
 
-Each targeted `nn.Linear` of the base model is wrapped once by `MultiLoRALinear`, which holds the
-A/B matrices of every adapter that targets it (scale folded into B). Before a step the runner sets,
-on the shared `LoRAContext`, which rows of the packed token batch use which adapter; rows of the
-base model get no delta. This is PEFT's mixed-adapter batching done per token instead of per
+Adapters live in a fixed number of slots (`--max-loras`); which adapter holds which slot is decided
+by `adapter_pool.py`. On the transformers path each targeted `nn.Linear` of the base model is
+wrapped once by `MultiLoRALinear`, which holds the A/B matrices of the slots that target it (scale
+folded into B); the native decoder (`llama.py`) keeps slots inside its stacked weights. Before a
+step the runner sets, on the shared `LoRAContext`, which rows of the packed token batch use which
+slot; rows of the base model get no delta. This is PEFT's mixed-adapter batching done per token instead of per
 padded row, so decode tokens and prefill chunks of different adapters share one batch. Adapter
 files are PEFT's format; the loader refuses what it cannot apply exactly (DoRA, modules_to_save,
 embedding LoRA) with a message saying to merge such adapters with `llm-export` instead.
@@ -76,9 +78,9 @@ class LoRAContext:
 
 
 class MultiLoRALinear(nn.Module):
-    """A Linear of a transformers model plus the LoRA deltas of every adapter that targets it.
+    """A Linear of a transformers model plus the LoRA deltas of the adapters in the engine's slots.
 
-    For a batch mixing adapters, the A matrices of all adapters are concatenated (`[sum r, in]`) and
+    For a batch mixing adapters, the A matrices of all slots are concatenated (`[sum r, in]`) and
     applied to every row in one matmul; a row-by-column mask keeps each row's own adapter's columns,
     and one more matmul with the concatenated B (`[out, sum r]`) adds the deltas. The extra work is
     `sum r / out` of the base matmul (about 2% for four rank-8 adapters) and the op count does not
@@ -91,18 +93,25 @@ class MultiLoRALinear(nn.Module):
         self.base = base
         self.ctx = ctx
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.lora_a: dict[int, torch.Tensor] = {}  # adapter index -> [r, in]
-        self.lora_b: dict[int, torch.Tensor] = {}  # adapter index -> [out, r] * scale
+        self.lora_a: dict[int, torch.Tensor] = {}  # slot -> [r, in]
+        self.lora_b: dict[int, torch.Tensor] = {}  # slot -> [out, r] * scale
         self.a_cat = self.b_cat = self.col_adapter = None
 
-    def add(self, index: int, a: torch.Tensor, b_scaled: torch.Tensor) -> None:
-        self.lora_a[index], self.lora_b[index] = a.contiguous(), b_scaled.contiguous()
+    def set_slot(self, slot: int, a: torch.Tensor | None, b_scaled: torch.Tensor | None = None) -> None:
+        """Put an adapter's (A, scaled B) in `slot`, or empty the slot with `a=None`."""
+        if a is None:
+            self.lora_a.pop(slot, None)
+            self.lora_b.pop(slot, None)
+        else:
+            self.lora_a[slot], self.lora_b[slot] = a.contiguous(), b_scaled.contiguous()
         order = sorted(self.lora_a)
+        if not order:
+            self.a_cat = self.b_cat = self.col_adapter = None
+            return
         self.a_cat = torch.cat([self.lora_a[i] for i in order]).contiguous()
         self.b_cat = torch.cat([self.lora_b[i] for i in order], dim=1).contiguous()
-        self.col_adapter = self.ctx.shared(
-            column_owners({i: self.lora_a[i].shape[0] for i in order}, a.device)
-        )
+        device = self.a_cat.device
+        self.col_adapter = self.ctx.shared(column_owners({i: self.lora_a[i].shape[0] for i in order}, device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -143,14 +152,6 @@ def lora_scale(cfg: AdapterConfig) -> tuple[int, float]:
     return r, cfg.alpha / math.sqrt(r) if cfg.use_rslora else cfg.alpha / r
 
 
-@dataclass
-class LoadedAdapter:
-    name: str
-    index: int
-    rank: int
-    modules: list[str]
-
-
 def read_adapter_weights(path: Path) -> tuple[AdapterConfig, dict[str, dict[str, torch.Tensor]]]:
     """Return (adapter_config, {module_name: {"A": tensor, "B": tensor}})."""
     from safetensors.torch import load_file
@@ -176,30 +177,58 @@ def read_adapter_weights(path: Path) -> tuple[AdapterConfig, dict[str, dict[str,
     return cfg, modules
 
 
-def install_adapters(
-    model: nn.Module, adapters: list[tuple[str, Path]], ctx: LoRAContext
-) -> list[LoadedAdapter]:
-    """Wrap targeted Linears of `model` and load every adapter into them (index = list position)."""
-    named = dict(model.named_modules())
-    dtype = next(model.parameters()).dtype
-    device = next(model.parameters()).device
-    loaded = []
-    for index, (name, path) in enumerate(adapters):
+class TransformersLoRA:
+    """LoRA slots on a transformers model: each targeted `nn.Linear` is wrapped (once, when an adapter
+    first targets it) by a `MultiLoRALinear`, and an adapter in slot `s` puts its A/B there."""
+
+    def __init__(self, model: nn.Module, ctx: LoRAContext, max_rank: int):
+        self.model, self.ctx, self.max_rank = model, ctx, max_rank
+        self.named = dict(model.named_modules())
+        param = next(model.parameters())
+        self.dtype, self.device = param.dtype, param.device
+        self.slot_modules: dict[int, list[MultiLoRALinear]] = {}
+
+    def prepare(self, name: str, path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Read and check an adapter: `{module: (A, scaled B)}` in host memory (any thread)."""
         cfg, modules = read_adapter_weights(path)
-        r, scale = lora_scale(cfg)
+        _, scale = lora_scale(cfg)
+        out = {}
         for module_name, ab in modules.items():
-            target = named.get(module_name)
+            target = self.named.get(module_name)
+            if isinstance(target, MultiLoRALinear):
+                target = target.base
             if target is None:
                 raise LoRALoadError(f"adapter {name!r}: the base model has no module {module_name!r}")
-            if not isinstance(target, MultiLoRALinear):
-                if not isinstance(target, nn.Linear):
-                    raise LoRALoadError(f"adapter {name!r}: {module_name} is not a Linear layer")
-                wrapper = MultiLoRALinear(target, ctx)
-                parent_name, _, child = module_name.rpartition(".")
-                setattr(named[parent_name] if parent_name else model, child, wrapper)
-                named[module_name] = wrapper
-                target = wrapper
+            if not isinstance(target, nn.Linear):
+                raise LoRALoadError(f"adapter {name!r}: {module_name} is not a Linear layer")
             a, b = checked_pair(name, module_name, ab, target.in_features, target.out_features)
-            target.add(index, a.to(device, dtype), b.to(device, dtype) * scale)
-        loaded.append(LoadedAdapter(name=name, index=index, rank=r, modules=sorted(modules)))
-    return loaded
+            check_rank(name, a.shape[0], self.max_rank)
+            out[module_name] = (a.to(self.dtype), b.to(self.dtype) * scale)
+        return out
+
+    def install(self, slot: int, prepared: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Put a prepared adapter in `slot` (engine thread, between steps)."""
+        self.clear(slot)
+        wrappers = []
+        for module_name, (a, b) in prepared.items():
+            target = self.named[module_name]
+            if not isinstance(target, MultiLoRALinear):
+                target = MultiLoRALinear(target, self.ctx)
+                parent_name, _, child = module_name.rpartition(".")
+                setattr(self.named[parent_name] if parent_name else self.model, child, target)
+                self.named[module_name] = target
+            target.set_slot(slot, a.to(self.device), b.to(self.device))
+            wrappers.append(target)
+        self.slot_modules[slot] = wrappers
+
+    def clear(self, slot: int) -> None:
+        for wrapper in self.slot_modules.pop(slot, []):
+            wrapper.set_slot(slot, None)
+
+
+def check_rank(name: str, rank: int, max_rank: int) -> None:
+    if rank > max_rank:
+        raise LoRALoadError(
+            f"adapter {name!r} has LoRA rank {rank}, above the server's --max-lora-rank {max_rank}; "
+            f"restart llm-serve with --max-lora-rank {rank} (or higher)"
+        )

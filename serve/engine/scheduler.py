@@ -1,9 +1,10 @@
 """Continuous-batching scheduler: which sequences decode and which prompt chunks prefill each step.
 
 Pure bookkeeping, no torch. Sequences are admitted from a FIFO queue into free KV slots, up to
-`max_num_seqs`. Every step decodes one token for each sequence past its prompt first, then fills a
-budget with prompt chunks, oldest first: with nothing decoding, up to `max_batched_tokens`; while
-sequences decode, as many prompt tokens as keep the step within `step_time_ratio` times a decode
+`max_num_seqs`; one whose LoRA adapter is not loaded yet (`admit` says no) keeps its place in the
+queue while later ones pass it. Every step decodes one token for each sequence past its prompt first,
+then fills a budget with prompt chunks, oldest first: with nothing decoding, up to `max_batched_tokens`;
+while sequences decode, as many prompt tokens as keep the step within `step_time_ratio` times a decode
 step, by the measured step cost (`step_budget.py`), so admitting prompts does not stall the streams.
 Finished sequences leave at once; the last slot is
 moved into the hole so running sequences stay in slots 0..N-1 and decode reads the cache as a view.
@@ -35,7 +36,7 @@ logger = logging.getLogger(__name__)
 @dataclass(eq=False)
 class Sequence:
     request: GenerationRequest
-    adapter_index: int  # -1: the base model
+    adapter_index: int  # -1: the base model; else the adapter pool's id (unique per adapter version)
     arrival: float = field(default_factory=time.monotonic)
     output_ids: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose keys/values are in the cache
@@ -48,6 +49,8 @@ class Sequence:
     # Log-probability of each prompt token computed so far (index = position; [0] is None), when
     # the request asked for them.
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    lora_slot: int = -1  # the LoRA slot its adapter holds while it runs (-1: none)
+    adapter_held: bool = False  # counted by the adapter pool until it leaves
 
     def __post_init__(self) -> None:
         if self.adapter_key is None:
@@ -110,6 +113,7 @@ class Scheduler:
         load_cached: Callable[[list[int], int], None] | None = None,
         save_cached: Callable[[int, int, list[int]], None] | None = None,
         step_time_ratio: float = 0.0,
+        admit: Callable[[Sequence], bool] | None = None,
     ):
         self.max_num_seqs = max_num_seqs
         self.max_batched_tokens = max_batched_tokens
@@ -128,6 +132,7 @@ class Scheduler:
         self.save_cached = save_cached or (lambda slot, start, rows: None)  # slot [start, ...) -> rows
         self.prompt_tokens = 0  # prompt tokens of admitted sequences, since start
         self.cache_hit_tokens = 0  # of those, copied from the prefix cache instead of computed
+        self.admit = admit  # may this waiting sequence start now (its adapter loaded)? None: always
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -137,10 +142,17 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> StepPlan:
-        while self.waiting and len(self.running) < self.max_num_seqs:
-            seq = self.waiting.popleft()
-            seq.slot = len(self.running)
-            self.running.append(seq)
+        if self.waiting and len(self.running) < self.max_num_seqs:
+            held: deque[Sequence] = deque()  # waiting on their adapter: later ones may pass them
+            while self.waiting and len(self.running) < self.max_num_seqs:
+                seq = self.waiting.popleft()
+                if self.admit is not None and not self.admit(seq):
+                    held.append(seq)
+                    continue
+                seq.slot = len(self.running)
+                self.running.append(seq)
+            held.extend(self.waiting)
+            self.waiting = held
         decode = [s for s in self.running if not s.in_prefill]
         kv = sum(s.num_computed + 1 for s in decode)
         budget = prefill_budget(

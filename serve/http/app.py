@@ -34,7 +34,7 @@ from serve.errors import (
     PayloadTooLargeError,
     to_api_error,
 )
-from serve.http import routes_chat, routes_completions, routes_models, routes_tokenize
+from serve.http import routes_adapters, routes_chat, routes_completions, routes_models, routes_tokenize
 from serve.http.context import AppContext
 from serve.http.openapi import install_openapi
 from serve.metrics import Metrics
@@ -60,6 +60,7 @@ def build_app(
             await engine.start()
             ctx.grammars = GrammarCompiler(engine.tokenizer, getattr(engine, "vocab_size", None))
             ctx.served = make_served(engine)
+            metrics.served = ctx.served
             logger.info("ready: serving %s", ", ".join(m.id for m in ctx.served.all()))
         except Exception as exc:
             logger.exception("engine failed to start")
@@ -91,6 +92,7 @@ def build_app(
     app.include_router(routes_models.router, dependencies=auth)
     app.include_router(routes_chat.router, dependencies=auth)
     app.include_router(routes_completions.router, dependencies=auth)
+    app.include_router(routes_adapters.router, dependencies=auth)
     _install_error_handlers(app, ctx)
     app.add_middleware(ErrorBoundary, metrics=metrics)
     app.add_middleware(BodySizeLimit, max_bytes=config.max_body_bytes)

@@ -39,7 +39,7 @@ RESPONSE = ChatCompletionResponse
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     ctx = get_ctx(request)
     check_ready(ctx)
-    model = ctx.served.get(body.model)
+    model = await ctx.served.resolve(body.model)
     plan = await plan_output(
         ctx.grammars,
         response_format=body.response_format,

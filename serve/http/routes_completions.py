@@ -34,7 +34,7 @@ RESPONSE = CompletionResponse
 async def completions(body: CompletionRequest, request: Request):
     ctx = get_ctx(request)
     check_ready(ctx)
-    model = ctx.served.get(body.model)
+    model = await ctx.served.resolve(body.model)
     tok = ctx.served.tokenizer
     plan = await plan_output(
         ctx.grammars, response_format=body.response_format, structured_outputs=body.structured_outputs

@@ -29,7 +29,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     ctx = get_ctx(request)
     check_ready(ctx)
     if body.messages is not None:
-        model = ctx.served.get(body.model)
+        model = await ctx.served.resolve(body.model)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         ids = await ctx.tokenize(
             ctx.served.render_chat, model, messages, add_generation_prompt=body.add_generation_prompt
