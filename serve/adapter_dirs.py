@@ -135,8 +135,8 @@ class AdapterRoots:
                 check_folder(real, root, name)
                 return Located(name, real, root)
         raise AdapterMissing(
-            f"no adapter `{name}` in the adapter directories ({self.describe()}); it may have been "
-            "deleted, or llm-train has not finished writing it"
+            f"no adapter `{name}` in the adapter directories; it may have been deleted, or llm-train "
+            "has not finished writing it"
         )
 
     # ---------------------------------------------------------------- runtime loading
@@ -152,8 +152,8 @@ class AdapterRoots:
         root = next((r for r in self.roots if _inside(real, r)), None)
         if root is None:
             raise AdapterPathError(
-                f"lora_path `{lora_path}` resolves outside every adapter directory ({self.describe()}); "
-                "only adapters below an --adapter-dir can be loaded at runtime (copy or train it there)"
+                f"lora_path `{lora_path}` resolves outside every adapter directory of this server; only "
+                "adapters below an --adapter-dir can be loaded at runtime (copy or train it there)"
             )
         rel = real.relative_to(root).as_posix()
         if real == root:
@@ -166,7 +166,7 @@ class AdapterRoots:
                 "load it once llm-train has renamed it into place"
             )
         if not real.exists():
-            raise AdapterMissing(f"`{rel}` does not exist in {self._given_for(root)}")
+            raise AdapterMissing(f"`{rel}` does not exist in the adapter directory")
         if not real.is_dir():
             raise AdapterInvalid(
                 f"`{rel}` is a file, not an adapter folder (give the folder holding {CONFIG_FILE})"
@@ -181,9 +181,6 @@ class AdapterRoots:
             if _inside(real, root):
                 return real.relative_to(root).as_posix()
         return path.name
-
-    def _given_for(self, root: Path) -> str:
-        return self.given[self.roots.index(root)]
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from serve.adapter_dirs import AdapterRoots, Located, fingerprint
+from serve.adapter_dirs import WEIGHTS_FILE, AdapterRoots, Located, fingerprint
 from serve.adapters import NAME_RE, AdapterError, AdapterInvalid, AdapterMissing, AdapterSpec
 
 logger = logging.getLogger(__name__)
@@ -48,10 +48,11 @@ class AdapterRegistry:
         roots: AdapterRoots,
         make_model: Callable[[str, AdapterSpec, str], object],
         list_model: Callable[[str, Path], object],
-        reserved: set[str],
+        reserved: tuple[str, ...],
     ):
         """`make_model(name, spec, key)` builds the ServedModel of an adapter version; `list_model`
-        the listing-only entry of a folder not requested yet; `reserved` are the base's names."""
+        the listing-only entry of a folder not requested yet; `reserved` are the base's id, then its
+        aliases."""
         self.engine, self.checker, self.roots = engine, checker, roots
         self.make_model, self.list_model = make_model, list_model
         self.reserved = reserved
@@ -74,14 +75,21 @@ class AdapterRegistry:
     def listed(self) -> list:
         """Pinned adapters, then every adapter in the directories (requested or not), by name."""
         out = [e.model for e in self.pinned.values()]
-        found = self.roots.scan() if self.roots else {}
-        for name in [n for n in self.found if n not in found]:
-            self._drop_found(name, "its folder is gone")
-        for name, located in found.items():
+        scanned = self.roots.scan() if self.roots else {}
+        # The walk is cached for a second; a stat per adapter keeps a deletion out of the list at once.
+        found = {n: loc.path for n, loc in scanned.items() if (loc.path / WEIGHTS_FILE).is_file()}
+        for name, entry in list(self.found.items()):
+            if name in found:
+                continue
+            if (entry.path / WEIGHTS_FILE).is_file():
+                found[name] = entry.path  # loaded since the listing was cached
+            else:
+                self._drop_found(name, "its folder is gone")
+        for name, path in found.items():
             if name in self.pinned or name in self.reserved:
                 continue
             entry = self.found.get(name)
-            out.append(entry.model if entry else self.list_model(name, located.path))
+            out.append(entry.model if entry else self.list_model(name, path))
         return out
 
     async def resolve(self, name: str):
@@ -165,6 +173,11 @@ class AdapterRegistry:
         message = str(exc)
         for prefix in (str(located.root) + "/", str(located.root)):
             message = message.replace(prefix, "")
+        base = self.checker.model_path
+        for path in sorted({str(base), str(base.resolve())}, key=len, reverse=True):
+            message = message.replace(path, self.reserved[0])
+        if f"`{located.name}" not in message:
+            message = f"`{located.name}`: {message}"
         if isinstance(exc, AdapterError):
             return type(exc)(message)
         if isinstance(exc, ValueError):  # the engine's reader: DoRA, modules_to_save, bad tensors

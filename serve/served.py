@@ -52,7 +52,7 @@ class ServedModels:
         self._aliases = {a: self.base for a in aliases if a and a != base_id}
         self.registry = None
         if registry_factory is not None:
-            reserved = {base_id, *self._aliases}
+            reserved = (base_id, *self._aliases)
             self.registry = registry_factory(self.adapter_model, self.listed_folder, reserved)
         for spec in adapters:
             if self.registry is not None:

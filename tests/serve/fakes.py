@@ -26,6 +26,8 @@ class FakeEngine(Engine):
         self.delay = 0.0
         self.requests: list[GenerationRequest] = []
         self.aborted: list[str] = []
+        self.added: dict[str, object] = {}  # engine key -> AdapterSpec, for adapters added while serving
+        self.removed: list[tuple[str, str | None]] = []  # (key, successor)
 
     async def start(self) -> None:
         self._ready = True
@@ -35,6 +37,15 @@ class FakeEngine(Engine):
 
     def adapter_names(self) -> list[str]:
         return self._adapters
+
+    async def add_adapter(self, key: str, spec) -> None:
+        self.added[key] = spec
+        self._adapters.append(key)
+
+    def remove_adapter(self, key: str, successor: str | None = None) -> None:
+        self.removed.append((key, successor))
+        if key in self._adapters:
+            self._adapters.remove(key)
 
     def stats(self) -> EngineStats:
         return EngineStats(waiting=0, running=0, kv_cache_usage=0.0)
