@@ -17,6 +17,9 @@ from serve.settings import SettingsError, load_settings
 #: Context cap when --max-model-len is not given (both engines; never beyond the model's own).
 DEFAULT_MAX_MODEL_LEN = 4096
 
+#: LoRA slots when --max-loras is not given (or one per start-up adapter, when there are more).
+DEFAULT_MAX_LORAS = 4
+
 
 def resolve_max_model_len(requested: int | None, model_max: int | None) -> int:
     """--max-model-len, else the model's context capped at DEFAULT_MAX_MODEL_LEN; never beyond the model's."""

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from serve.adapters import AdapterInvalid, AdapterSpec
-from serve.config import ServeConfig, resolve_dtype, resolve_max_model_len
+from serve.config import DEFAULT_MAX_LORAS, ServeConfig, resolve_dtype, resolve_max_model_len
 from serve.engine.base import Engine, EngineHealth, EngineStats
 from serve.engine.detokenizer import IncrementalDetokenizer
 from serve.engine.scheduler import Scheduler, Sequence, StepPlan
@@ -40,7 +40,6 @@ logger = logging.getLogger(__name__)
 # Prompt tokens a step carries when nothing decodes: prefill throughput peaks there on the 2-core
 # CPU (655 vs 597 tok/s at 256) and a burst of prompts reaches its first tokens sooner.
 DEFAULT_BATCHED_TOKENS = 512
-DEFAULT_MAX_LORAS = 4  # LoRA slots when --max-loras is not given (or one per start-up adapter, if more)
 DEFAULT_MAX_LORA_RANK = 8  # slot rank when neither --max-lora-rank nor a larger adapter says otherwise
 
 

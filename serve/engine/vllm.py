@@ -5,8 +5,10 @@ has its own environment. Our HTTP layer, auth, errors, metrics and adapter regis
 module only turns token ids into token ids with vLLM's `AsyncLLM`:
 - prompts arrive as token ids (the HTTP layer renders chat templates with `engine.tokenizer`) and go in
   as `TokensPrompt`s, so both engines see exactly the same tokens;
-- every adapter is a `LoRARequest`, loaded at start-up (`enable_lora`, `max_loras`, `max_lora_rank`
-  derived from the adapters, vLLM-incompatible ones refused before any weights load);
+- every adapter is a `LoRARequest`: start-up ones loaded at start-up, others (an `--adapter-dir`,
+  runtime loads) added and removed while serving, one `LoRARequest` per version (`enable_lora`,
+  `max_loras`, `max_cpu_loras`, `max_lora_rank` from the settings and adapters; vLLM-incompatible
+  adapters refused before any weights load);
 - vLLM's cumulative outputs become incremental `GenerationOutput`s (`vllm_outputs.py`); closing the
   iterator aborts the request in vLLM.
 vLLM's engine core runs in a spawned process, which re-imports the main module: whatever starts this
@@ -17,13 +19,15 @@ inside methods, so this module imports (and its pure parts are tested) without v
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from serve.adapters import AdapterSpec
+from serve.adapters import AdapterInvalid, AdapterSpec
 from serve.config import DEFAULT_MAX_MODEL_LEN, ServeConfig, resolve_dtype
 from serve.engine.base import Engine, EngineHealth, EngineStats
 from serve.engine.types import (
@@ -102,7 +106,7 @@ def build_engine_kwargs(
         "seed": 0,
         "disable_log_stats": True,  # our own stat sink below; vLLM's console logger stays quiet
         "enable_log_requests": False,
-        **lora_settings(adapters).engine_kwargs(),
+        **lora_settings(adapters, config).engine_kwargs(),
     }
     if config.max_num_batched_tokens is not None:
         kwargs["max_num_batched_tokens"] = config.max_num_batched_tokens
@@ -186,7 +190,14 @@ class VLLMEngine(Engine):
         self.engine_kwargs = build_engine_kwargs(config, Path(model.path), self.adapters, on_gpu=self.on_gpu)
         self.max_model_len = int(self.engine_kwargs["max_model_len"])
         self.max_inflight = config.max_num_seqs + config.max_queue
-        self._lora_requests: dict = {}
+        self.vocab_size = vocab
+        self._lora_requests: dict = {}  # engine key -> LoRARequest (lora_name is the key: unique per version)
+        self._lora_ids = itertools.count(1)  # vLLM's lora_int_id: never reused, one per version
+        self._lora_users: dict[str, int] = {}  # engine key -> requests in flight
+        self._retired: set[str] = set()  # keys removed while requests still use them
+        self._successor: dict[str, str] = {}  # key replaced in place -> its replacement
+        self._adapter_totals: dict = {}  # served name -> adapter_pool.AdapterTotals
+        self._key_names: dict[str, str] = {}  # engine key -> served name
         self._llm = None
         self._stats = EngineStats()
         self._inflight: dict[str, GenerationRequest] = {}
@@ -202,7 +213,6 @@ class VLLMEngine(Engine):
     # -- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
         from vllm import AsyncEngineArgs
-        from vllm.lora.request import LoRARequest
         from vllm.v1.engine.async_llm import AsyncLLM
 
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
@@ -213,11 +223,8 @@ class VLLMEngine(Engine):
         logger.info("starting vLLM: %s", {k: v for k, v in self.engine_kwargs.items() if k != "tokenizer"})
         args = AsyncEngineArgs(**self.engine_kwargs)
         self._llm = AsyncLLM.from_engine_args(args, stat_loggers=[_stat_sink_factory(self._stats)])
-        for int_id, spec in enumerate(self.adapters, start=1):
-            req = LoRARequest(lora_name=spec.name, lora_int_id=int_id, lora_path=str(spec.path))
-            if not await self._llm.add_lora(req):
-                raise RuntimeError(f"vLLM could not load adapter {spec.name!r} from {spec.path}")
-            self._lora_requests[spec.name] = req
+        for spec in self.adapters:
+            await self._add_lora(spec.name, spec)
         self.max_model_len = int(self._llm.model_config.max_model_len)
         self._accepting = True
         await self._warm_up()
@@ -258,11 +265,17 @@ class VLLMEngine(Engine):
                 f"{len(self._inflight)} requests are running or queued (max_num_seqs + max_queue = "
                 f"{self.max_inflight}); retry later"
             )
-        lora = None
-        if request.adapter is not None:
-            lora = self._lora_requests.get(request.adapter)
-            if lora is None:
+        lora, key = None, request.adapter
+        if key is not None:
+            while key in self._successor:
+                key = self._successor[key]
+            lora = self._lora_requests.get(key)
+            if lora is None or key in self._retired:
                 raise UnknownAdapterError(request.adapter)
+            self._lora_users[key] = self._lora_users.get(key, 0) + 1
+            totals = self._adapter_totals[self._key_names[key]]
+            totals.requests += 1
+            totals.prompt_tokens += len(request.prompt_token_ids)
         params = request.params
         tracker = OutputTracker(
             request.request_id,
@@ -304,10 +317,81 @@ class VLLMEngine(Engine):
                 self._idle.set()
             # Closing vLLM's generator aborts the request there when it has not finished.
             await stream.aclose()
+            if key is not None:
+                self._adapter_totals[self._key_names[key]].generated_tokens += tracker.num_tokens
+                self._lora_users[key] -= 1
+                if key in self._retired and not self._lora_users[key]:
+                    await self._drop_lora(key)
 
     # -- introspection -----------------------------------------------------------------------------
     def adapter_names(self) -> list[str]:
-        return [a.name for a in self.adapters]
+        return [k for k in self._lora_requests if k not in self._retired] or [a.name for a in self.adapters]
+
+    # -- adapters while serving: each version is its own LoRARequest (own name and int id), so a
+    # request keeps the weights it started with; vLLM loads and evicts them (max_loras on the device,
+    # max_cpu_loras in its host cache) and re-reads an evicted one from its folder when requested.
+
+    def check_adapter(self, spec: AdapterSpec) -> None:
+        check_vllm_adapter(spec, self.vocab_size)
+        limit = int(self.engine_kwargs.get("max_lora_rank") or 0)
+        if not self.engine_kwargs.get("enable_lora") or spec.rank > limit:
+            raise AdapterInvalid(
+                f"adapter {spec.name!r} has LoRA rank {spec.rank}, above the rank vLLM's LoRA slots were "
+                f"sized for ({limit or 'LoRA off'}); restart llm-serve with --max-lora-rank {spec.rank}"
+            )
+
+    async def add_adapter(self, key: str, spec: AdapterSpec) -> None:
+        self.check_adapter(spec)
+        await self._add_lora(key, spec)
+
+    def remove_adapter(self, key: str, successor: str | None = None) -> None:
+        if key not in self._lora_requests:
+            return
+        if successor is not None:
+            self._successor[key] = successor
+        self._retired.add(key)
+        if not self._lora_users.get(key):
+            asyncio.get_running_loop().create_task(self._drop_lora(key))
+
+    def adapter_stats(self):
+        from serve.engine.adapter_pool import PoolStats
+
+        resident = dict.fromkeys(self._adapter_totals, False)
+        for key in self._lora_requests:
+            if key not in self._retired:
+                resident[self._key_names[key]] = True  # in vLLM's LoRA cache (it may evict to disk)
+        slots = int(self.engine_kwargs.get("max_loras") or 0)
+        return PoolStats(resident, dict(self._adapter_totals), slots)
+
+    async def _add_lora(self, key: str, spec: AdapterSpec) -> None:
+        """Load one adapter version into vLLM (its host cache); raises AdapterInvalid when vLLM refuses."""
+        from vllm.lora.request import LoRARequest
+
+        from serve.engine.adapter_pool import AdapterTotals
+
+        req = LoRARequest(lora_name=key, lora_int_id=next(self._lora_ids), lora_path=str(spec.path))
+        t0 = time.monotonic()
+        try:
+            ok = await self._llm.add_lora(req)
+        except Exception as exc:
+            raise AdapterInvalid(f"vLLM could not load adapter {spec.name!r}: {exc}") from exc
+        if not ok:
+            raise AdapterInvalid(f"vLLM could not load adapter {spec.name!r}")
+        self._lora_requests[key] = req
+        self._key_names[key] = spec.name
+        totals = self._adapter_totals.setdefault(spec.name, AdapterTotals())
+        totals.loads += 1
+        totals.load_seconds += time.monotonic() - t0
+
+    async def _drop_lora(self, key: str) -> None:
+        req = self._lora_requests.pop(key, None)
+        self._retired.discard(key)
+        self._lora_users.pop(key, None)
+        if req is not None and self._llm is not None:
+            try:
+                await self._llm.remove_lora(req.lora_int_id)
+            except Exception:  # the engine stopping: nothing left to free
+                logger.debug("vLLM remove_lora(%d) failed", req.lora_int_id, exc_info=True)
 
     def stats(self) -> EngineStats:
         # vLLM reports scheduler figures only while requests produce output: idle means zero.

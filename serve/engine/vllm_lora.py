@@ -15,6 +15,7 @@ from pathlib import Path
 
 from serve.adapters import AdapterError, AdapterSpec
 from serve.artifacts.model_folder import read_adapter_config
+from serve.config import DEFAULT_MAX_LORAS, ServeConfig
 
 #: The ranks vLLM can allocate LoRA slots for (vllm.config.lora.MaxLoRARanks).
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -56,13 +57,27 @@ def slot_rank(rank: int, adapter: str = "") -> int:
     )
 
 
-def lora_settings(adapters: list[AdapterSpec]) -> LoRASettings:
-    if not adapters:
+def lora_settings(adapters: list[AdapterSpec], config: ServeConfig | None = None) -> LoRASettings:
+    """vLLM's LoRA arguments: one slot per start-up adapter; with adapter directories or runtime
+    loading, `--max-loras` slots (default 4) of `--max-lora-rank`, and `--max-cpu-loras` in vLLM's
+    host cache (the others are read from their folder again when requested)."""
+    dynamic = bool(config and (config.adapter_dirs or config.allow_runtime_lora))
+    if not adapters and not dynamic:
         return LoRASettings(enable_lora=False)
-    rank = max(slot_rank(a.rank, a.name) for a in adapters)
-    return LoRASettings(
-        enable_lora=True, max_loras=len(adapters), max_cpu_loras=len(adapters), max_lora_rank=rank
+    rank = max(slot_rank(a.rank, a.name) for a in adapters) if adapters else 1
+    if config is not None and config.max_lora_rank:
+        rank = max(rank, slot_rank(config.max_lora_rank))
+    elif dynamic:
+        rank = max(rank, 8)
+    max_loras = len(adapters)
+    if config is not None and config.max_loras:
+        max_loras = config.max_loras
+    elif dynamic:
+        max_loras = max(DEFAULT_MAX_LORAS, len(adapters))
+    cpu = (
+        config.max_cpu_loras if config is not None and config.max_cpu_loras else max(max_loras, len(adapters))
     )
+    return LoRASettings(enable_lora=True, max_loras=max_loras, max_cpu_loras=cpu, max_lora_rank=rank)
 
 
 def check_vllm_adapter(spec: AdapterSpec, base_vocab_size: int) -> None:

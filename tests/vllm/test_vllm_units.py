@@ -113,6 +113,23 @@ def test_lora_settings_cover_every_adapter(tmp_path):
     assert lora_settings([]).engine_kwargs() == {"enable_lora": False}
 
 
+def test_lora_settings_with_adapter_dirs_follow_max_loras_and_the_slot_rank(tmp_path):
+    a = load_adapter_spec("a", write_adapter(tmp_path / "a", q_proj_lora(8), r=8))
+    dirs = ServeConfig(adapter_dirs=[str(tmp_path)])
+    # Adapters may arrive while serving: LoRA stays on, 4 slots of rank 8 by default.
+    assert lora_settings([], dirs).engine_kwargs() == {
+        "enable_lora": True, "max_loras": 4, "max_cpu_loras": 4, "max_lora_rank": 8,
+    }  # fmt: skip
+    tuned = ServeConfig(
+        adapter_dirs=[str(tmp_path)], allow_runtime_lora=True, max_loras=8, max_cpu_loras=64, max_lora_rank=12
+    )
+    assert lora_settings([a], tuned).engine_kwargs() == {
+        "enable_lora": True, "max_loras": 8, "max_cpu_loras": 64, "max_lora_rank": 16,
+    }  # fmt: skip
+    # Start-up adapters only: one slot each, as before; --max-loras caps the batch, none is evicted.
+    assert lora_settings([a], ServeConfig(max_loras=1)).engine_kwargs()["max_cpu_loras"] == 1
+
+
 def test_plain_adapter_passes_and_vocab_changes_are_refused(tmp_path):
     ok = load_adapter_spec("ok", write_adapter(tmp_path / "ok", q_proj_lora()))
     check_vllm_adapter(ok, base_vocab_size=100)
