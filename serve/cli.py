@@ -136,7 +136,9 @@ def _serve(args: dict) -> int:
     if config.ui:
         from serve.http.ui_mount import make_ui_mounter
 
-        mount_ui = make_ui_mounter(config)
+        listed = [(base_id, None), *((a.name, base_id) for a in adapters)]
+        listed += [(n, base_id) for n in AdapterRoots(config.adapter_dirs).scan() if n not in dict(listed)]
+        mount_ui = make_ui_mounter(config, listed)
     app = build_app(engine, config, make_served, mount_ui=mount_ui)
     dirs = f", adapters below {', '.join(config.adapter_dirs)}" if config.adapter_dirs else ""
     print(

@@ -4,8 +4,11 @@
     gradio.mount_gradio_app(fastapi_app, blocks, path="/ui")   # what `llm-serve --ui` does
     blocks.launch()                                            # what `llm-ui` does
 
-The page only talks to the OpenAI-compatible API at `base_url` (fetched at page load, so models
-added later appear on reload or ↻), never to the engine directly.
+The page only talks to the OpenAI-compatible API at `base_url`, never to the engine directly. The
+model pickers list what `/v1/models` lists: built with `models` when the caller knows them (the
+server mounting its own page), refreshed at page load, every `refresh_every` seconds (adapters that
+appear in an --adapter-dir or are loaded at runtime show up on their own) and by ↻. A message sent
+before the first list arrives goes to the model the picker then shows, never "Pick a model first".
 """
 
 # No `from __future__ import annotations` here: Gradio finds the LikeData parameter of `rate` below
@@ -13,7 +16,7 @@ added later appear on reload or ↻), never to the engine directly.
 from functools import partial
 from pathlib import Path
 
-from ui.api import Sampling, api_base
+from ui.api import ModelEntry, Sampling, api_base
 from ui.handlers import Handlers
 from ui.training.handlers import TrainHandlers, TrainOptions
 from ui.training.render import CSS as TRAIN_CSS
@@ -64,10 +67,14 @@ def create_ui(
     defaults: Sampling | None = None,
     concurrency_limit: int = 16,
     train: TrainOptions | None = None,
+    models: list[ModelEntry] | None = None,
+    refresh_every: float = 5.0,
 ):
     """Build the chat page for the API at `base_url`; feedback goes to `feedback_dir`.
 
     With `train` (where runs may write and datasets come from) the page gets a Train tab.
+    `models` (base models first) fill the pickers from the start; without them the first list
+    arrives with the page-load event.
 
     Returns a `gradio.Blocks` with its queue configured (`concurrency_limit` streams at once per
     event), ready for `gradio.mount_gradio_app` or `.launch()`.
@@ -77,6 +84,10 @@ def create_ui(
     defaults = defaults or Sampling()
     h = Handlers(base_url, api_key, Path(feedback_dir))
     trainer = TrainHandlers(base_url, api_key, train) if train is not None else None
+    models = [e for e in models or [] if e.parent is None] + [e for e in models or [] if e.parent]
+    choices = [(e.label, e.id) for e in models]
+    first_base = models[0].id if models else None
+    first_adapter = next((e.id for e in models if e.parent), first_base)
     theme = gr.themes.Soft(primary_hue="indigo", font=FONT, font_mono=FONT_MONO)
     css = CSS + (TRAIN_CSS if trainer else "")
 
@@ -93,7 +104,11 @@ def create_ui(
         with gr.Row(equal_height=False):
             with gr.Column(scale=1, min_width=260):
                 model = gr.Dropdown(
-                    label="Model or adapter", choices=[], allow_custom_value=True, elem_id="model"
+                    label="Model or adapter",
+                    choices=choices,
+                    value=first_base,
+                    allow_custom_value=True,
+                    elem_id="model",
                 )
                 refresh = gr.Button("↻ Refresh models", size="sm", elem_id="refresh")
                 system = gr.Textbox(label="System prompt", lines=3, placeholder="Optional", elem_id="system")
@@ -136,10 +151,18 @@ def create_ui(
                 with gr.Tab("A/B compare", id="ab"):
                     with gr.Row():
                         left_model = gr.Dropdown(
-                            label="Left", choices=[], allow_custom_value=True, elem_id="left-model"
+                            label="Left",
+                            choices=choices,
+                            value=first_base,
+                            allow_custom_value=True,
+                            elem_id="left-model",
                         )
                         right_model = gr.Dropdown(
-                            label="Right", choices=[], allow_custom_value=True, elem_id="right-model"
+                            label="Right",
+                            choices=choices,
+                            value=first_adapter,
+                            allow_custom_value=True,
+                            elem_id="right-model",
                         )
                     with gr.Row():
                         ab_prompt = gr.Textbox(
@@ -169,13 +192,17 @@ def create_ui(
                     add_train_tab(blocks, trainer, h, [model, left_model, right_model], error_box, tabs)
 
         pickers = [model, left_model, right_model]
+        known = gr.State([e.id for e in models or []])
         blocks.load(h.refresh_models, pickers, [*pickers, error_box])
         refresh.click(h.refresh_models, pickers, [*pickers, error_box])
+        timer = gr.Timer(refresh_every)
+        timer.tick(h.poll_models, [*pickers, known], [*pickers, known], show_progress="hidden")
 
         sampling = [system, temperature, top_p, max_tokens]
         streams = []
         for trigger in (msg.submit, send.click):
-            started = trigger(
+            filled = trigger(h.fill_empty_pickers, pickers, [*pickers, error_box], queue=False)
+            started = filled.then(
                 h.start_turn,
                 [msg, chatbot, meta, model, *sampling, *output],
                 [msg, chatbot, meta, error_box, send, stop],
@@ -199,7 +226,8 @@ def create_ui(
 
         ab_streams = []
         for trigger in (ab_prompt.submit, ab_run.click):
-            started = trigger(
+            filled = trigger(h.fill_empty_pickers, pickers, [*pickers, error_box], queue=False)
+            started = filled.then(
                 h.start_ab,
                 [ab_prompt, left_model, right_model, *sampling],
                 [

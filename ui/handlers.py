@@ -50,6 +50,22 @@ def error_update(message: str | None) -> Any:
     )
 
 
+def picker_updates(entries: list, chat_model: str | None, left_model: str | None, right_model: str | None):
+    """The three pickers for `entries` (base models first): selections that still exist stay; the
+    chat and left pickers default to the first base model, the right one to the first adapter."""
+    import gradio as gr
+
+    ids = [e.id for e in entries]
+    choices = [(e.label, e.id) for e in entries]
+    base = entries[0].id
+    adapter = next((e.id for e in entries if e.parent), base)
+
+    def pick(current: str | None, fallback: str) -> Any:
+        return gr.update(choices=choices, value=current if current in ids else fallback)
+
+    return pick(chat_model, base), pick(left_model, base), pick(right_model, adapter)
+
+
 def _last_reply(chat: list[dict] | None) -> str:
     replies = [text_of(m) for m in chat or [] if m.get("role") == "assistant"]
     return replies[-1] if replies else ""
@@ -95,15 +111,34 @@ class Handlers:
             return gr.update(), gr.update(), gr.update(), error_update(describe_error(exc, self.base_url))
         if not entries:
             return gr.update(), gr.update(), gr.update(), error_update("The server lists no models.")
+        return (*picker_updates(entries, chat_model, left_model, right_model), error_update(None))
+
+    async def fill_empty_pickers(self, chat_model, left_model, right_model):
+        """Before a message or comparison is sent: a picker still empty (the page's first model list
+        has not arrived yet) gets the model `refresh_models` would show, so what is sent is what is shown."""
+        import gradio as gr
+
+        if chat_model and left_model and right_model:
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        return await self.refresh_models(chat_model, left_model, right_model)
+
+    async def poll_models(self, chat_model, left_model, right_model, known: list | None):
+        """Every few seconds: follow adapters that appear or go on the server; touches the pickers only
+        when the list changed (an open dropdown stays open) and never shows an error (a missed poll is
+        retried by the next)."""
+        import gradio as gr
+        import openai
+
+        skip = (gr.skip(), gr.skip(), gr.skip(), gr.skip())
+        try:
+            async with self._client() as client:
+                entries = await list_models(client)
+        except openai.OpenAIError:
+            return skip
         ids = [e.id for e in entries]
-        choices = [(e.label, e.id) for e in entries]
-        base = entries[0].id
-        adapter = next((e.id for e in entries if e.parent), base)
-
-        def pick(current: str | None, fallback: str) -> Any:
-            return gr.update(choices=choices, value=current if current in ids else fallback)
-
-        return pick(chat_model, base), pick(left_model, base), pick(right_model, adapter), error_update(None)
+        if not entries or ids == known:
+            return skip
+        return (*picker_updates(entries, chat_model, left_model, right_model), ids)
 
     # --- chat ---------------------------------------------------------------------------------
     def start_turn(

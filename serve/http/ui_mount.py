@@ -18,16 +18,23 @@ from fastapi import FastAPI
 from serve.config import ServeConfig
 
 
-def make_ui_mounter(config: ServeConfig):
+def make_ui_mounter(config: ServeConfig, models: list[tuple[str, str | None]] = ()):
+    """`models`: (id, parent) of what the server will list, so the page's pickers show them from the
+    first paint (the page then follows /v1/models on its own)."""
+
     def mount(app: FastAPI) -> None:
         import gradio as gr
 
+        from ui.api import ModelEntry
         from ui.app import create_ui
 
         host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
         key = config.resolved_api_key()
         blocks = create_ui(
-            base_url=f"http://{host}:{config.port}", api_key=key, feedback_dir=Path(config.feedback_dir)
+            base_url=f"http://{host}:{config.port}",
+            api_key=key,
+            feedback_dir=Path(config.feedback_dir),
+            models=[ModelEntry(id=i, parent=p) for i, p in models],
         )
         auth = None
         if key:

@@ -51,10 +51,13 @@ def served(default_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("ui-e2e")
     adapter = make_lora_adapter(default_model.path, root / "adapter", seed=0)
     feedback = root / "feedback"
+    adapter_root = root / "saves"
+    adapter_root.mkdir()
     args = ["--model", "default", "--adapter", f"{ADAPTER}={adapter}", "--ui"]
-    args += ["--feedback-dir", str(feedback), "--api-key", API_KEY]
+    args += ["--feedback-dir", str(feedback), "--api-key", API_KEY, "--adapter-dir", str(adapter_root)]
     with start_server(args) as server:
         server.feedback = feedback
+        server.adapter, server.adapter_root = adapter, adapter_root
         yield server
 
 
@@ -345,3 +348,62 @@ def test_page_needs_the_key_and_keeps_it_for_the_session(browser, served):
     page.wait_for_selector("#chat-input textarea, input[type=password]")
     assert page.locator("input[type=password]").count() == 0
     context.close()
+
+
+def chat_requests(served, model: str) -> float:
+    import re
+
+    import httpx
+
+    text = httpx.get(served.base_url + "/metrics", timeout=10).text
+    labels = f'endpoint="/v1/chat/completions",model="{model}",status="200"'
+    m = re.search(r"^llm_serve_requests_total\{" + re.escape(labels) + r"\} (\S+)", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def test_message_typed_the_moment_the_page_shows_goes_to_the_shown_model(browser, served, tmp_path):
+    """No waiting for the model list: the page is built with it, and Enter answers from that model."""
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    base = base_id(served)
+    before = chat_requests(served, base)
+    open_page(page, served.base_url + "/ui/")
+    shown = page.input_value("#model input")
+    assert shown.startswith(base) and shown.endswith("· base")
+    page.fill("#chat-input textarea", "Reply with one word: hello.")
+    page.press("#chat-input textarea", "Enter")
+    page.wait_for_function(
+        "(() => { const b = document.querySelectorAll('#chatbot [data-testid=bot]');"
+        " return b.length && b[b.length - 1].innerText.trim().length > 0"
+        " && document.querySelector('#send') && document.querySelector('#send').offsetParent !== null; })()"
+    )
+    assert not page.locator("#api-error .api-error").is_visible()
+    assert bot_texts(page)[-1].strip()
+    assert chat_requests(served, base) == before + 1
+    screenshot(page, tmp_path, "first-message")
+    context.close()
+
+
+def picker_options(page, elem_id: str = "model") -> list[str]:
+    page.click(f"#{elem_id} input")
+    options = [li.inner_text() for li in page.locator(f"#{elem_id} ul.options li").all()]
+    page.keyboard.press("Escape")
+    return options
+
+
+def test_pickers_follow_adapters_that_appear_and_go(page, served):
+    wait_for_models(page)
+    staging, final = served.adapter_root / ".fresh.partial", served.adapter_root / "fresh"
+    shutil.copytree(served.adapter, staging)
+    staging.rename(final)  # as llm-train publishes a run
+
+    def wait_until(present: bool) -> None:
+        deadline = time.monotonic() + 30  # the page polls /v1/models every 5 s
+        while any(o.startswith("fresh") for o in picker_options(page)) != present:
+            assert time.monotonic() < deadline, f"picker never {'showed' if present else 'dropped'} it"
+            time.sleep(1)
+
+    wait_until(True)
+    shutil.rmtree(final)
+    wait_until(False)

@@ -202,3 +202,21 @@ def test_bad_tools_json_is_refused_on_the_page(h):
         h.start_turn("hi", [], [], "base", "", 0.2, 0.9, 32, False, "[{oops")
     with pytest.raises(gr.Error, match="JSON list"):
         h.start_turn("hi", [], [], "base", "", 0.2, 0.9, 32, False, '{"name": "f"}')
+
+
+def test_a_message_sent_before_the_first_model_list_goes_to_the_model_then_shown(h):
+    chat, left, right, error = asyncio.run(h.fill_empty_pickers(None, None, None))
+    assert chat["value"] == "base" and right["value"] == "adapter-a" and error["visible"] is False
+    import gradio as gr
+
+    # Pickers already set are left alone (the event sends nothing back).
+    assert all(u is gr.skip() or u == gr.skip() for u in asyncio.run(h.fill_empty_pickers("a", "b", "c")))
+
+
+def test_polling_updates_the_pickers_only_when_the_list_changed(h):
+    chat, left, right, known = asyncio.run(h.poll_models("adapter-a", None, None, []))
+    assert chat["value"] == "adapter-a" and known == ["base", "adapter-a", "midstream", "slow"]
+    import gradio as gr
+
+    unchanged = asyncio.run(h.poll_models("adapter-a", "base", "slow", known))
+    assert all(u == gr.skip() for u in unchanged)
