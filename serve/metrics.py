@@ -168,6 +168,11 @@ class AdapterCollector:
             "llm_serve_adapters_resident", "Adapters holding a LoRA slot.", value=sum(stats.resident.values())
         )
         yield GaugeMetricFamily("llm_serve_lora_slots", "LoRA slots (--max-loras).", value=stats.slots)
+        yield GaugeMetricFamily(
+            "llm_serve_adapter_copy_seconds_max",
+            "Longest pause a load put between two engine steps (copying an adapter into its slot).",
+            value=stats.max_copy_seconds,
+        )
         served = self.metrics.served
         if served is not None:
             known = sum(1 for m in served.all() if m.parent is not None)

@@ -74,12 +74,15 @@ def json_ratios(targets: dict) -> dict:
     return out
 
 
-def checks(targets: dict) -> list[dict]:
-    """The issues' goals against our figures; `pass` is None when the figure was not measured."""
+def checks(targets: dict, many: dict | None = None) -> list[dict]:
+    """The issues' goals against our figures; `pass` is None when the figure was not measured.
+    `many`: the many_adapters figures per target (issue 14), when measured."""
     all_ratios = ratios(targets)
     vs_lf = all_ratios.get("llamafactory", {}).get("c16")
     vs_cpp = all_ratios.get("llama-cpp-f32", {})
     trend = _get(targets, OURS, "memory", "memory")
+    ours_many = (many or {}).get(OURS, {})
+    many_trend = (ours_many.get("memory") or {}).get("memory")
     rows = [
         (Goal("one stream output tok/s", ">=", 20.0), _get(targets, OURS, "single", "output_throughput")),
         (Goal("16 streams total output tok/s", ">=", 120.0), _get(targets, OURS, "c16", "output_throughput")),
@@ -98,6 +101,14 @@ def checks(targets: dict) -> list[dict]:
         (
             Goal("ours-int8: 4 adapters / base-only at 16 streams", ">=", 0.85),
             adapter_ratios(targets).get(INT8),
+        ),
+        (
+            Goal("64 adapters, 8 slots, random / base-only at 16 streams", ">=", 0.70),
+            ours_many.get("random_over_base"),
+        ),
+        (
+            Goal("RSS grows across the random-adapter requests", "==", False),
+            many_trend.get("grows") if many_trend else None,
         ),
         (
             Goal("multiturn: TTFT p50 last turn / first turn", "<=", 1.5),
@@ -211,7 +222,11 @@ def render(report: dict) -> str:
         [c["target"], _fmt(c["measured"]), c["goal"], {True: "PASS", False: "FAIL", None: "n/a"}[c["pass"]]]
         for c in report.get("checks", [])
     ]
-    parts.append(_table(["goal (issues 3, 17, 19)", "measured", "bound", "result"], check_rows))
+    if report.get("many_adapters"):
+        from serve.bench.adapter_dir import render as render_many
+
+        parts.append(render_many(report["many_adapters"]))
+    parts.append(_table(["goal (issues 3, 14, 17, 19)", "measured", "bound", "result"], check_rows))
     return "\n\n".join(parts)
 
 

@@ -15,7 +15,8 @@ tokens), `c16_adapters` (the same 16 streams spread over 4 LoRA adapters), `memo
 conversations x 6 turns whose history grows to ~1,500 tokens, TTFT per turn; `serve.bench.multiturn`)
 and `c16_json` (issue 13: 16 streams with and without one `json_schema` response format, rounds
 interleaved; `serve.bench.structured`);
-`SCENARIOS` is the registry.
+`SCENARIOS` is the registry. `many_adapters` (issue 14) runs after them on servers of its own: 64
+adapters in an --adapter-dir, --max-loras 8, a random one per request (`serve/bench/adapter_dir.py`).
 Peers get bounded runs: llamafactory serves one request at a time, so it gets at most
 `--llamafactory-max-requests` per scenario, and no peer starts new requests after
 `--peer-time-budget` seconds. Servers of the base model only skip the adapter scenarios.
@@ -72,8 +73,17 @@ class BenchConfig(BaseModel):
         description="Servers to measure, in order (`llama-cpp` stands for its f32 and q8_0 targets).",
     )
     scenarios: list[str] = Field(
-        default_factory=lambda: ["single", "c8", "c16", "c16_adapters", "memory", "multiturn", "c16_json"],
-        description="Scenarios to run (names from `SCENARIOS`).",
+        default_factory=lambda: [
+            "single",
+            "c8",
+            "c16",
+            "c16_adapters",
+            "memory",
+            "multiturn",
+            "c16_json",
+            "many_adapters",
+        ],
+        description="Scenarios to run (names from `SCENARIOS`, and `many_adapters`).",
     )
     max_num_seqs: int = Field(16, ge=1, description="--max-num-seqs for ours and vLLM.")
     ours_args: list[str] = Field(default_factory=list, description="Extra flags passed to `llm-serve`.")
@@ -104,6 +114,10 @@ class BenchConfig(BaseModel):
     peer_time_budget: float = Field(
         120.0, gt=0, description="Seconds after which a peer gets no new requests."
     )
+    many_adapters: int = Field(64, ge=2, le=512, description="many_adapters: adapters in the --adapter-dir.")
+    many_max_loras: int = Field(8, ge=1, description="many_adapters: --max-loras (adapters in the batch).")
+    many_max_cpu_loras: int = Field(16, ge=1, description="many_adapters: --max-cpu-loras (host cache).")
+    many_repeats: int = Field(2, ge=1, description="many_adapters: base/random pairs, interleaved.")
     start_timeout: float = Field(900.0, gt=0, description="Seconds a server may take to become ready.")
     temperature: float = Field(0.0, ge=0, description="Sampling temperature (0 = greedy).")
     seed: int = Field(0, description="Seed for prompts and requests.")
@@ -179,9 +193,9 @@ def validate(cfg: BenchConfig) -> None:
     if unknown:
         names = [*peers.KNOWN_TARGETS, *peers.TARGET_GROUPS]
         raise ValueError(f"--targets: unknown {unknown}; choose from {', '.join(names)}")
-    bad = [s for s in cfg.scenarios if s not in SCENARIOS]
+    bad = [s for s in cfg.scenarios if s not in SCENARIOS and s != "many_adapters"]
     if bad:
-        raise ValueError(f"--scenarios: unknown {bad}; choose from {', '.join(SCENARIOS)}")
+        raise ValueError(f"--scenarios: unknown {bad}; choose from {', '.join(SCENARIOS)}, many_adapters")
     for spec in cfg.adapters:
         path = Path(spec.split("=", 1)[-1])
         if not (path / "adapter_config.json").is_file():
@@ -422,14 +436,21 @@ def bench(cfg: BenchConfig) -> tuple[dict, Path]:
         data["ratios"] = report.ratios(data["targets"])
         data["adapter_ratios"] = report.adapter_ratios(data["targets"])
         data["json_ratios"] = report.json_ratios(data["targets"])
-        data["checks"] = report.checks(data["targets"])
+        data["checks"] = report.checks(data["targets"], data.get("many_adapters"))
         data["wall_s"] = time.monotonic() - started
         write_json_atomic(out_path, data, default=str)
 
     try:
-        for target in cfg.targets:
+        for target in cfg.targets if scenarios_for(cfg) else []:
             data["targets"][target] = {}
             bench_target(target, cfg, model_dir, adapters, tok, logs, data["targets"][target], save)
+        if "many_adapters" in cfg.scenarios:
+            from serve.bench.adapter_dir import TARGETS, bench_many_adapters
+
+            data["many_adapters"] = {}
+            for target in [t for t in TARGETS if t in cfg.targets]:
+                data["many_adapters"][target] = {}
+                bench_many_adapters(cfg, target, model_dir, tok, logs, data["many_adapters"][target], save)
     finally:
         save()
     return data, out_path
@@ -463,6 +484,10 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
     p.add_argument("--multiturn-output-len", type=int)
     p.add_argument("--llamafactory-max-requests", type=int)
     p.add_argument("--peer-time-budget", type=float)
+    p.add_argument("--many-adapters", type=int, help="many_adapters: adapters in the directory (64)")
+    p.add_argument("--many-max-loras", type=int)
+    p.add_argument("--many-max-cpu-loras", type=int)
+    p.add_argument("--many-repeats", type=int)
     p.add_argument("--start-timeout", type=float)
     p.add_argument("--temperature", type=float)
     p.add_argument("--seed", type=int)

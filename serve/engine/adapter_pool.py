@@ -84,6 +84,7 @@ class PoolStats:
     load_buckets: list[int] = field(default_factory=list)  # cumulative counts per LOAD_BUCKETS bound
     load_count: int = 0
     load_sum: float = 0.0
+    max_copy_seconds: float = 0.0  # the longest pause a load put between two engine steps
 
 
 class AdapterPool:
@@ -275,7 +276,13 @@ class AdapterPool:
                     resident[adapter.name] = True
             totals = {n: AdapterTotals(**vars(t)) for n, t in self._totals.items()}
             return PoolStats(
-                resident, totals, self.residency.slots, list(self._buckets), self._load_count, self._load_sum
+                resident,
+                totals,
+                self.residency.slots,
+                list(self._buckets),
+                self._load_count,
+                self._load_sum,
+                self.max_install_seconds,
             )
 
     # ---------------------------------------------------------------- internals
