@@ -247,9 +247,11 @@ class AdapterPool:
             if aid >= 0 and aid not in wanted and self.residency.slot_of(aid) is None:
                 wanted[aid] = self._by_id[aid]
         blocked = 0
-        for adapter in wanted.values():
+        for rank, adapter in enumerate(wanted.values()):
             if adapter.prepared is None:
-                if adapter.loading is None:
+                # Read ahead only as many as the host cache holds: host memory stays bounded however
+                # many adapters the queue asks for.
+                if adapter.loading is None and rank < self.host_capacity:
                     self._start_read(adapter)
                 continue
             slot = self.residency.free_slot(lambda a: self._by_id[a].active == 0)

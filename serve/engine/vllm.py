@@ -198,6 +198,7 @@ class VLLMEngine(Engine):
         self._successor: dict[str, str] = {}  # key replaced in place -> its replacement
         self._adapter_totals: dict = {}  # served name -> adapter_pool.AdapterTotals
         self._key_names: dict[str, str] = {}  # engine key -> served name
+        self._tasks: set[asyncio.Task] = set()
         self._llm = None
         self._stats = EngineStats()
         self._inflight: dict[str, GenerationRequest] = {}
@@ -351,7 +352,9 @@ class VLLMEngine(Engine):
             self._successor[key] = successor
         self._retired.add(key)
         if not self._lora_users.get(key):
-            asyncio.get_running_loop().create_task(self._drop_lora(key))
+            task = asyncio.get_running_loop().create_task(self._drop_lora(key))
+            self._tasks.add(task)  # held until done: the loop keeps only weak references
+            task.add_done_callback(self._tasks.discard)
 
     def adapter_stats(self):
         from serve.engine.adapter_pool import PoolStats

@@ -90,13 +90,18 @@ def _targets(single, c16, c16a, lf_c16, ttft, grows, turns=1.2, json_ratio=0.95)
     }  # fmt: skip
 
 
+def _many(ratio: float, grows: bool) -> dict:
+    return {"ours": {"status": "ok", "random_over_base": ratio, "memory": {"memory": {"grows": grows}}}}
+
+
 def test_checks_pass_and_fail():
-    good = {c["target"]: c["pass"] for c in report.checks(_targets(22.0, 130.0, 120.0, 11.0, 1.2, False))}
+    good_targets = _targets(22.0, 130.0, 120.0, 11.0, 1.2, False)
+    good = {c["target"]: c["pass"] for c in report.checks(good_targets, _many(0.8, False))}
     assert all(good.values()), good
-    bad = {
-        c["target"]: c["pass"] for c in report.checks(_targets(15.0, 100.0, 60.0, 11.0, 3.0, True, 2.0, 0.8))
-    }
+    bad_targets = _targets(15.0, 100.0, 60.0, 11.0, 3.0, True, 2.0, 0.8)
+    bad = {c["target"]: c["pass"] for c in report.checks(bad_targets, _many(0.5, True))}
     assert not any(bad.values()), bad
+    assert bad["64 adapters, 8 slots, random / base-only at 16 streams"] is False
 
 
 def test_ratios_and_missing_figures():
