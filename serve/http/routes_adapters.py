@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from serve.errors import NotFoundError
 from serve.http.context import get_ctx
 from serve.http.generation import check_ready
+from serve.http.openapi import error_responses
 
 router = APIRouter()
 
@@ -49,13 +50,22 @@ def _registry(request: Request):
     return ctx.served.registry
 
 
-@router.post("/v1/load_lora_adapter", response_class=PlainTextResponse)
+_TEXT_200 = {200: {"content": {"text/plain": {"schema": {"type": "string"}}}}}
+
+
+@router.post(
+    "/v1/load_lora_adapter",
+    responses={**_TEXT_200, **error_responses(400, 401, 403, 404, 409, 413, 503)},
+)
 async def load_lora_adapter(body: LoadLoRAAdapterRequest, request: Request) -> PlainTextResponse:
     message = await _registry(request).load(body.lora_name, body.lora_path, body.load_inplace)
     return PlainTextResponse(message)
 
 
-@router.post("/v1/unload_lora_adapter", response_class=PlainTextResponse)
+@router.post(
+    "/v1/unload_lora_adapter",
+    responses={**_TEXT_200, **error_responses(400, 401, 404, 413, 503)},
+)
 async def unload_lora_adapter(body: UnloadLoRAAdapterRequest, request: Request) -> PlainTextResponse:
     message = await _registry(request).unload(body.lora_name)
     return PlainTextResponse(message)

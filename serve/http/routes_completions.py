@@ -29,7 +29,7 @@ RESPONSE = CompletionResponse
 @router.post(
     ENDPOINT,
     response_model=RESPONSE,
-    responses={**streamed_200(RESPONSE), **error_responses(400, 401, 404, 413, 429, 500, 503)},
+    responses={**streamed_200(RESPONSE), **error_responses(400, 401, 403, 404, 409, 413, 429, 500, 503)},
 )
 async def completions(body: CompletionRequest, request: Request):
     ctx = get_ctx(request)

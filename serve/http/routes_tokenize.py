@@ -24,7 +24,9 @@ from serve.protocol import (
 router = APIRouter()
 
 
-@router.post("/tokenize", response_model=TokenizeResponse, responses=error_responses(400, 401, 404, 413, 503))
+@router.post(
+    "/tokenize", response_model=TokenizeResponse, responses=error_responses(400, 401, 403, 404, 409, 413, 503)
+)
 async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     ctx = get_ctx(request)
     check_ready(ctx)

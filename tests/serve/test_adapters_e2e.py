@@ -1,6 +1,7 @@
 """End to end: adapters without restarts on a real `llm-serve` (default model), through `openai`.
 
-One server with `--adapter-dir D --allow-runtime-lora --max-loras 2`:
+The session's shared server (tests/serve/conftest.py: `--adapter-dir D --allow-runtime-lora
+--max-loras 2`, an API key, 4 sequences at once):
 - a real `llm-train` run writes a new adapter into D while the server runs; it is listed, chatted
   with, then deleted and answered with 404, with no restart;
 - 8 clients stream from an adapter while it is reloaded in place and another is loaded and
@@ -10,6 +11,7 @@ One server with `--adapter-dir D --allow-runtime-lora --max-loras 2`:
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import subprocess
 import sys
@@ -23,7 +25,7 @@ import pytest
 import yaml
 
 from tests.helpers.adapters import make_lora_adapter
-from tests.helpers.server import start_server
+from tests.serve.conftest import E2E_KEY
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -31,25 +33,31 @@ REPO = Path(__file__).resolve().parents[2]
 LLM_TRAIN = str(Path(sys.executable).parent / "llm-train")
 QUESTION = [{"role": "user", "content": "Name a colour."}]
 TOKENS = 10
+AUTH = {"Authorization": f"Bearer {E2E_KEY}"}
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("adapters-e2e") / "saves"
-    root.mkdir()
-    return root
+def server(e2e_server):
+    return e2e_server
 
 
 @pytest.fixture(scope="module")
-def server(root):
-    args = ["--adapter-dir", str(root), "--allow-runtime-lora", "--max-loras", "2", "--max-num-seqs", "8"]
-    with start_server([*args, "--max-model-len", "512"]) as s:
-        yield s
+def root(server) -> Path:
+    return server.adapter_root
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server.base_url + "/v1", api_key="none", max_retries=0, timeout=600)
+    return openai.OpenAI(base_url=server.base_url + "/v1", api_key=E2E_KEY, max_retries=0, timeout=600)
+
+
+def post(server, path: str, body: dict) -> httpx.Response:
+    return httpx.post(server.base_url + path, json=body, headers=AUTH, timeout=300)
+
+
+def metric_label(name: str) -> str:
+    """How an open /metrics on a server with a key names an adapter (serve.metrics)."""
+    return "adapter-" + hashlib.sha256(name.encode()).hexdigest()[:10]
 
 
 def ids(client) -> list[str]:
@@ -72,7 +80,7 @@ def test_llm_train_into_the_adapter_dir_is_served_without_a_restart(server, clie
     reply = client.chat.completions.create(model="persona/v1", messages=QUESTION, max_tokens=8, temperature=0)
     assert reply.model == "persona/v1" and reply.choices[0].message.content
     metrics = httpx.get(server.base_url + "/metrics", timeout=30).text
-    assert 'llm_serve_adapter_loads_total{adapter="persona/v1"} 1.0' in metrics
+    assert f'llm_serve_adapter_loads_total{{adapter="{metric_label("persona/v1")}"}} 1.0' in metrics
 
     shutil.rmtree(root / "persona")
     with pytest.raises(openai.NotFoundError):
@@ -91,7 +99,7 @@ def test_load_reload_in_place_and_unload_under_8_streaming_clients(server, clien
 
     def load(name: str, version: str, inplace: bool = False) -> httpx.Response:
         body = {"lora_name": name, "lora_path": str(root / "runtime" / version), "load_inplace": inplace}
-        return httpx.post(server.base_url + "/v1/load_lora_adapter", json=body, timeout=300)
+        return post(server, "/v1/load_lora_adapter", body)
 
     # What each version gives alone (the directory serves both under their own names).
     alone = {v: greedy(client, f"runtime/{v}") for v in ("v1", "v2")}
@@ -102,7 +110,7 @@ def test_load_reload_in_place_and_unload_under_8_streaming_clients(server, clien
     stop = threading.Event()
 
     def stream_forever() -> None:
-        c = openai.OpenAI(base_url=server.base_url + "/v1", api_key="none", max_retries=0, timeout=600)
+        c = openai.OpenAI(base_url=server.base_url + "/v1", api_key=E2E_KEY, max_retries=0, timeout=600)
         while not stop.is_set():
             t0 = time.monotonic()
             try:
@@ -137,14 +145,10 @@ def test_load_reload_in_place_and_unload_under_8_streaming_clients(server, clien
     reload_end = time.monotonic()
     assert load("side", "v1").status_code == 200  # a second adapter comes and goes meanwhile
     assert greedy(client, "side") == alone["v1"]
-    assert (
-        httpx.post(server.base_url + "/v1/unload_lora_adapter", json={"lora_name": "side"}).status_code == 200
-    )
+    assert post(server, "/v1/unload_lora_adapter", {"lora_name": "side"}).status_code == 200
     wait_for(len(results) + 8)
     unload_start = time.monotonic()
-    assert (
-        httpx.post(server.base_url + "/v1/unload_lora_adapter", json={"lora_name": "live"}).status_code == 200
-    )
+    assert post(server, "/v1/unload_lora_adapter", {"lora_name": "live"}).status_code == 200
     stop.set()
     for t in threads:
         t.join(600)
@@ -164,3 +168,4 @@ def test_load_reload_in_place_and_unload_under_8_streaming_clients(server, clien
     assert any(t == alone["v2"] for _, _, t in replies) and any(t == alone["v1"] for _, _, t in replies)
     gone = [t1 for _, t1, r in results if isinstance(r, openai.NotFoundError)]
     assert all(t1 >= unload_start for t1 in gone)  # 404 only once the unload was sent
+    shutil.rmtree(root / "runtime")  # the shared server's listing is back to what other tests expect

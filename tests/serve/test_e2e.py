@@ -26,16 +26,14 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
-def adapter_dir(default_model, tmp_path_factory):
-    return make_lora_adapter(
-        default_model.path, tmp_path_factory.mktemp("e2e") / "persona", seed=3, scale=0.02
-    )
+def adapter_dir(e2e_adapter):
+    return e2e_adapter
 
 
 @pytest.fixture(scope="module")
-def server(adapter_dir):
-    with start_server(["--adapter", f"persona={adapter_dir}", "--api-key", KEY, "--max-num-seqs", "4"]) as s:
-        yield s
+def server(e2e_server):
+    """The session's shared server (tests/serve/conftest.py): `persona`, the key, 4 sequences."""
+    return e2e_server
 
 
 @pytest.fixture(scope="module")
