@@ -132,7 +132,8 @@ class AdapterCollector:
 
         from serve.engine.adapter_pool import LOAD_BUCKETS
 
-        stats = self.metrics.engine.adapter_stats()
+        adapter_stats = getattr(self.metrics.engine, "adapter_stats", None)  # stand-in engines lack it
+        stats = adapter_stats() if adapter_stats is not None else None
         if stats is None:
             return
         label = ["adapter"]
