@@ -6,7 +6,7 @@
 
 The page only talks to the OpenAI-compatible API at `base_url`, never to the engine directly. The
 model pickers list what `/v1/models` lists: built with `models` when the caller knows them (the
-server mounting its own page), refreshed at page load, every `refresh_every` seconds (adapters that
+server mounting its own page; else filled at page load), refreshed every `refresh_every` seconds (adapters that
 appear in an --adapter-dir or are loaded at runtime show up on their own) and by ↻. A message sent
 before the first list arrives goes to the model the picker then shows, never "Pick a model first".
 """
@@ -193,7 +193,10 @@ def create_ui(
 
         pickers = [model, left_model, right_model]
         known = gr.State([e.id for e in models or []])
-        blocks.load(h.refresh_models, pickers, [*pickers, error_box])
+        if not models:
+            # Built without the list: fetch it now. Built with it, a load-time refresh could land after
+            # the user picked another model and put the picker back; the timer below follows changes.
+            blocks.load(h.refresh_models, pickers, [*pickers, error_box])
         refresh.click(h.refresh_models, pickers, [*pickers, error_box])
         timer = gr.Timer(refresh_every)
         timer.tick(h.poll_models, [*pickers, known], [*pickers, known], show_progress="hidden")
