@@ -6,7 +6,9 @@ relative to the root, and the rule that keeps runtime loading inside those roots
     roots.find("persona/v2")           # the adapter folder, or AdapterMissing
     roots.contain("saves/persona/v2")  # a `lora_path` from POST /v1/load_lora_adapter, checked
 
-A complete adapter is a folder holding `adapter_config.json` and `adapter_model.safetensors`.
+A complete adapter is a folder holding `adapter_config.json` and `adapter_model.safetensors`
+(serve.artifacts.model_folder says what an adapter folder holds and reads it; this module only
+decides which folders are served and that they stay inside their root).
 Folders whose name starts with "." or ends with ".partial" are never served or searched:
 `llm-train` trains into `.NAME.partial/` and renames it into place when done, so a half-written
 adapter is never seen. Every path is resolved (symlinks, `..`) before it is compared with the
@@ -25,21 +27,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from serve.adapters import AdapterConflict, AdapterError, AdapterInvalid, AdapterMissing, AdapterPathError
+from serve.artifacts.model_folder import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    PICKLED_ADAPTER_WEIGHTS,
+    is_adapter_folder,
+    read_files,
+)
 
 logger = logging.getLogger(__name__)
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-PICKLED_WEIGHTS = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
-#: Files of an adapter folder that serving may read; each must resolve inside the root.
-READ_FILES = (
-    CONFIG_FILE,
-    WEIGHTS_FILE,
-    "run_manifest.json",
-    "tokenizer_config.json",
-    "chat_template.jinja",
-    "special_tokens_map.json",
-)
 #: One component of an adapter name: no hidden or staging folders, nothing a shell or URL mangles.
 COMPONENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,127}$")
 MAX_DEPTH = 4  # `persona/v2/run3/final` at most: a scan never walks a whole disk
@@ -72,7 +69,7 @@ def check_name(name: str) -> None:
 def fingerprint(path: Path) -> tuple:
     """Changes whenever the adapter is rewritten or renamed into place (inode, size, mtime)."""
     out = []
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
         st = os.stat(path / name)
         out += [st.st_ino, st.st_size, st.st_mtime_ns]
     return tuple(out)
@@ -131,7 +128,7 @@ class AdapterRoots:
             real = Path(os.path.realpath(candidate))
             if not _inside(real, root):
                 raise AdapterPathError(f"adapter `{name}` is a symlink to a folder outside its --adapter-dir")
-            if real.is_dir() and (real / CONFIG_FILE).exists():
+            if real.is_dir() and (real / ADAPTER_CONFIG).exists():
                 check_folder(real, root, name)
                 return Located(name, real, root)
         raise AdapterMissing(
@@ -169,7 +166,7 @@ class AdapterRoots:
             raise AdapterMissing(f"`{rel}` does not exist in the adapter directory")
         if not real.is_dir():
             raise AdapterInvalid(
-                f"`{rel}` is a file, not an adapter folder (give the folder holding {CONFIG_FILE})"
+                f"`{rel}` is a file, not an adapter folder (give the folder holding {ADAPTER_CONFIG})"
             )
         check_folder(real, root, rel)
         return Located(rel, real, root)
@@ -190,20 +187,20 @@ class AdapterRoots:
 
 def check_folder(real: Path, root: Path, rel: str) -> None:
     """A folder inside `root` is a complete, safetensors adapter whose files all stay inside `root`."""
-    for name in READ_FILES:
-        f = real / name
-        if os.path.lexists(f) and not _inside(Path(os.path.realpath(f)), root):
+    for f in read_files(real):
+        if not _inside(Path(os.path.realpath(f)), root):
+            name = f.relative_to(real).as_posix()
             raise AdapterPathError(f"`{rel}/{name}` is a symlink to a file outside its adapter directory")
-    if not (real / CONFIG_FILE).is_file():
-        raise AdapterInvalid(f"`{rel}` has no {CONFIG_FILE}: not a PEFT adapter folder")
-    if not (real / WEIGHTS_FILE).is_file():
-        pickled = next((p for p in PICKLED_WEIGHTS if (real / p).exists()), None)
+    if not (real / ADAPTER_CONFIG).is_file():
+        raise AdapterInvalid(f"`{rel}` has no {ADAPTER_CONFIG}: not a PEFT adapter folder")
+    if not is_adapter_folder(real):
+        pickled = next((p for p in PICKLED_ADAPTER_WEIGHTS if (real / p).exists()), None)
         if pickled:
             raise AdapterInvalid(
                 f"`{rel}/{pickled}` is a pickled checkpoint, refused because loading it can run code; "
                 "re-save it with safetensors (PeftModel.save_pretrained(dir, safe_serialization=True))"
             )
-        raise AdapterInvalid(f"`{rel}` has no {WEIGHTS_FILE}")
+        raise AdapterInvalid(f"`{rel}` has no {ADAPTER_WEIGHTS}")
 
 
 def _inside(path: Path, root: Path) -> bool:
@@ -229,7 +226,7 @@ def _walk(root: Path, rel: str = "", depth: int = 0) -> Iterable[tuple[str, Path
         real = Path(os.path.realpath(entry.path))
         if not _inside(real, root):
             continue  # a symlink out of the root is never listed (and refused by `find`)
-        if (real / CONFIG_FILE).is_file() and (real / WEIGHTS_FILE).is_file():
+        if is_adapter_folder(real):
             try:
                 check_folder(real, root, name)
             except AdapterError:

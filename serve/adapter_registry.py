@@ -24,8 +24,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from serve.adapter_dirs import WEIGHTS_FILE, AdapterRoots, Located, fingerprint
+from serve.adapter_dirs import AdapterRoots, Located, fingerprint
 from serve.adapters import NAME_RE, AdapterError, AdapterInvalid, AdapterMissing, AdapterSpec
+from serve.artifacts.model_folder import is_adapter_folder
 
 logger = logging.getLogger(__name__)
 
@@ -77,11 +78,11 @@ class AdapterRegistry:
         out = [e.model for e in self.pinned.values()]
         scanned = self.roots.scan() if self.roots else {}
         # The walk is cached for a second; a stat per adapter keeps a deletion out of the list at once.
-        found = {n: loc.path for n, loc in scanned.items() if (loc.path / WEIGHTS_FILE).is_file()}
+        found = {n: loc.path for n, loc in scanned.items() if is_adapter_folder(loc.path)}
         for name, entry in list(self.found.items()):
             if name in found:
                 continue
-            if (entry.path / WEIGHTS_FILE).is_file():
+            if is_adapter_folder(entry.path):
                 found[name] = entry.path  # loaded since the listing was cached
             else:
                 self._drop_found(name, "its folder is gone")

@@ -16,6 +16,7 @@ from pathlib import Path
 from serve.artifacts.model_folder import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
+    PICKLED_ADAPTER_WEIGHTS,
     FolderError,
     FolderFacts,
     read_adapter_config,
@@ -87,9 +88,10 @@ def load_adapter_spec(name: str, path: Path) -> AdapterSpec:
             "directory llm-train or PEFT's save_pretrained wrote"
         )
     if not (path / ADAPTER_WEIGHTS).is_file():
-        if (path / "adapter_model.bin").is_file():
+        pickled = next((path / p for p in PICKLED_ADAPTER_WEIGHTS if (path / p).is_file()), None)
+        if pickled is not None:
             raise AdapterError(
-                f"adapter {name!r}: {path / 'adapter_model.bin'} is a pickled checkpoint, which is "
+                f"adapter {name!r}: {pickled} is a pickled checkpoint, which is "
                 "refused because loading it can run code; re-save it with safetensors "
                 "(PeftModel.save_pretrained(dir, safe_serialization=True))"
             )

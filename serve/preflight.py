@@ -21,6 +21,7 @@ from serve.adapters import (
     load_adapter_spec,
     parse_adapter_arg,
 )
+from serve.artifacts.model_folder import read_adapter_config
 from serve.config import ServeConfig
 from serve.models import ResolvedModel, resolve_model
 
@@ -76,13 +77,11 @@ class AdapterChecker:
 
 def adapter_dir_ranks(roots: AdapterRoots) -> list[int]:
     """LoRA ranks of the adapters present in the adapter directories now (adapter_config.json only)."""
-    import json
-
     ranks = []
     for located in roots.scan(fresh=True).values():
         try:
-            ranks.append(int(json.loads((located.path / "adapter_config.json").read_text()).get("r", 8)))
-        except (OSError, ValueError, TypeError, AttributeError):
+            ranks.append(read_adapter_config(located.path).rank)
+        except (OSError, ValueError, TypeError):  # FolderError is a ValueError
             continue  # refused, with its reason, when first requested
     return ranks
 

@@ -14,6 +14,10 @@ What an adapter folder (llm-train's output, or PEFT's `save_pretrained`) holds, 
     trainer_log.jsonl           serve.artifacts.trainer_log                  eval report, llm-train
     loss.png, train.log, llm_train_config.yaml    for people; no program reads them
 
+A folder is a complete adapter (`is_adapter_folder`) when it holds adapter_config.json and
+adapter_model.safetensors; `adapter_dirs` serves such folders below an --adapter-dir and checks that
+every file `read_files` names stays inside the directory.
+
 A model folder (a base checkpoint, a merged export, the converted default model) holds `config.json`,
 `*.safetensors`, `generation_config.json` (its EOS ids) and the same tokenizer and template files.
 
@@ -24,15 +28,19 @@ EOS/stop ids are computed here only (`stop_token_ids`), so the server's stop set
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from serve.artifacts.run_manifest import RunManifest, read_manifest
+from serve.artifacts.run_manifest import MANIFEST_FILE, RunManifest, read_manifest
 from serve.cli_runner import UserError
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+#: Pickled weights other tools write; refused because loading them can run code.
+PICKLED_ADAPTER_WEIGHTS = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
+SPECIAL_TOKENS_MAP = "special_tokens_map.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 EXTRA_TEMPLATES_DIR = "additional_chat_templates"
@@ -143,6 +151,34 @@ def read_adapter_config(path: str | Path) -> AdapterConfig:
         modules_to_save=list(cfg.get("modules_to_save") or []),
         trainable_token_indices=cfg.get("trainable_token_indices"),
     )
+
+
+def is_adapter_folder(path: str | Path) -> bool:
+    """A complete PEFT adapter: adapter_config.json and adapter_model.safetensors (what llm-train
+    renames into place last, so a folder still being written is not one)."""
+    path = Path(path)
+    return (path / ADAPTER_CONFIG).is_file() and (path / ADAPTER_WEIGHTS).is_file()
+
+
+def read_files(path: str | Path) -> list[Path]:
+    """The files of folder `path` that the readers here (and the engines' weight readers) open, those
+    present: a caller that must know where they lead (a symlink out of an adapter directory) checks these."""
+    path = Path(path)
+    names = [
+        ADAPTER_CONFIG,
+        ADAPTER_WEIGHTS,
+        *TOKENIZER_FILES,
+        SPECIAL_TOKENS_MAP,
+        CHAT_TEMPLATE_FILE,
+        GENERATION_CONFIG,
+        MANIFEST_FILE,
+        EXTRA_TEMPLATES_DIR,
+    ]
+    found = [path / n for n in names if os.path.lexists(path / n)]
+    extra = path / EXTRA_TEMPLATES_DIR
+    if extra.is_dir():
+        found += sorted(extra.glob("*.jinja"))
+    return found
 
 
 def load_tokenizer(path: str | Path, chat_template: str | None = None):

@@ -69,8 +69,8 @@ def make_client(tiny_model_dir, engine, root: Path, **cfg) -> TestClient:
 
 
 @pytest.fixture
-def engine(default_model):
-    return FakeEngine(default_model.path, adapters=())
+def engine(real_tokenizer_dir):
+    return FakeEngine(real_tokenizer_dir, adapters=())
 
 
 def ids(client) -> list[str]:
@@ -154,6 +154,14 @@ def _escapes(root: Path, made: dict[str, Path], tmp: Path) -> dict[str, str]:
     shutil.copytree(made["a"], root / "file-link")
     (root / "file-link" / "adapter_model.safetensors").unlink()
     os.symlink(outside / "adapter_model.safetensors", root / "file-link" / "adapter_model.safetensors")
+    # Files serve.artifacts.model_folder reads besides the config and weights, each linked out.
+    (outside / "generation_config.json").write_text('{"eos_token_id": 2}')
+    shutil.copytree(made["a"], root / "gen-link")
+    os.symlink(outside / "generation_config.json", root / "gen-link" / "generation_config.json")
+    (tmp / "templates").mkdir()
+    (tmp / "templates" / "tool_use.jinja").write_text("{{ messages }}")
+    shutil.copytree(made["a"], root / "tpl-link")
+    os.symlink(tmp / "templates", root / "tpl-link" / "additional_chat_templates")
     (root / "a-file").write_text("not a folder")
     shutil.copytree(made["a"], root / "pickled")
     os.rename(root / "pickled" / "adapter_model.safetensors", root / "pickled" / "adapter_model.bin")
@@ -163,6 +171,8 @@ def _escapes(root: Path, made: dict[str, Path], tmp: Path) -> dict[str, str]:
         "absolute elsewhere": str(outside),
         "symlink out of the root": str(root / "link-out"),
         "weights symlinked out": str(root / "file-link"),
+        "generation config symlinked out": str(root / "gen-link"),
+        "templates folder symlinked out": str(root / "tpl-link"),
         "file instead of a folder": str(root / "a-file"),
         "pickled .bin adapter": str(root / "pickled"),
         "different base": str(root / "other-base"),
@@ -178,6 +188,16 @@ ESCAPES = [
     ("absolute elsewhere", 403, r"resolves outside every adapter directory"),
     ("symlink out of the root", 403, r"resolves outside every adapter directory"),
     ("weights symlinked out", 403, r"`file-link/adapter_model.safetensors` is a symlink to a file outside"),
+    (
+        "generation config symlinked out",
+        403,
+        r"`gen-link/generation_config.json` is a symlink to a file outside",
+    ),
+    (
+        "templates folder symlinked out",
+        403,
+        r"`tpl-link/additional_chat_templates` is a symlink to a file outside",
+    ),
     ("file instead of a folder", 400, r"`a-file` is a file, not an adapter folder"),
     ("pickled .bin adapter", 400, r"`pickled/adapter_model.bin` is a pickled checkpoint.*safetensors"),
     ("different base", 409, r"`other-base`.*trained on .* but the served base is 'tiny'"),
