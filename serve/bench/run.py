@@ -464,7 +464,7 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
     p.add_argument("--adapter", action="append", dest="adapters", help="NAME=PATH or PATH (repeat)")
     p.add_argument("--num-adapters", type=int)
     p.add_argument("--targets", help=f"comma-separated, from {','.join(peers.KNOWN_TARGETS)}")
-    p.add_argument("--scenarios", help=f"comma-separated, from {','.join(SCENARIOS)}")
+    p.add_argument("--scenarios", help=f"comma-separated, from {','.join(SCENARIOS)},many_adapters")
     p.add_argument("--max-num-seqs", type=int)
     p.add_argument("--ours-arg", action="append", dest="ours_args", help="extra llm-serve flag (repeat)")
     p.add_argument(
