@@ -364,12 +364,17 @@ class AdapterPool:
         )
 
     def _drain_for(self, blocked: int) -> None:
-        """Make sure `blocked` waiting adapters each have a busy adapter draining towards a free slot."""
-        draining = sum(1 for a in self.residency.resident() if self._by_id[a].draining)
-        if draining >= blocked:
+        """Keep exactly `blocked` resident adapters draining towards a free slot, one per waiting adapter
+        that has none. No more: a draining adapter admits no new requests, so one left draining after
+        the adapter it drained for found another slot would hold its next requests back for ever."""
+        resident = self.residency.least_recent_first(self.residency.resident())
+        draining = [a for a in resident if self._by_id[a].draining]
+        for aid in draining[blocked:]:  # the most recently used of the surplus take requests again
+            self._by_id[aid].draining = False
+        if len(draining) >= blocked:
             return
-        busy = [a for a in self.residency.resident() if not self._by_id[a].draining]
-        for aid in self.residency.least_recent_first(busy)[: blocked - draining]:
+        busy = [a for a in resident if not self._by_id[a].draining]
+        for aid in busy[: blocked - len(draining)]:
             self._by_id[aid].draining = True
 
     def _collect_retired(self) -> None:

@@ -8,10 +8,12 @@ request seeing a mix of two versions, fails here.
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 
 import pytest
 
 from serve.adapters import AdapterInvalid, load_adapter_spec
+from serve.engine.adapter_pool import AdapterPool
 from serve.engine.residency import Residency
 from serve.engine.types import GenerationRequest, SamplingParams, UnknownAdapterError
 from tests.helpers.adapters import make_lora_adapter
@@ -32,6 +34,49 @@ def test_residency_prefers_free_then_least_recently_used_idle_slots():
     assert r.free_slot(lambda a: False) is None  # every slot busy: wait, never fail
     assert r.assign(1, 12) == 11 and r.slot_of(11) is None and r.slot_of(12) == 1
     assert r.release(10) == 0 and r.free_slot(lambda a: False) == 0
+
+
+class _Slots:
+    """A stand-in decoder: `prepare` returns the adapter's name, `install` records it in the slot."""
+
+    def __init__(self):
+        self.slots: dict[int, str] = {}
+
+    def prepare(self, name, path):
+        return name
+
+    def install(self, slot, prepared):
+        self.slots[slot] = prepared
+
+    def clear(self, slot):
+        self.slots.pop(slot, None)
+
+
+def _seq(pool: AdapterPool, key: str):
+    return SimpleNamespace(
+        adapter_index=pool.acquire(key, 1).id, lora_slot=-1, adapter_held=True, output_ids=[]
+    )
+
+
+def test_an_adapter_drained_for_a_slot_taken_elsewhere_takes_requests_again(tmp_path):
+    """a drains for c; c gets b's slot instead: a must not stay draining (its next request waited for ever)."""
+    pool = AdapterPool(_Slots(), slots=2, host_capacity=3, wake=lambda: None)
+    for key in "abc":
+        pool.register(key, key, tmp_path / key)
+        pool.prepare_now(key)
+    assert pool.install_now("a") and pool.install_now("b")
+    run_a, run_b = _seq(pool, "a"), _seq(pool, "b")
+    assert pool.admit(run_a) and pool.admit(run_b)
+    wait_c = _seq(pool, "c")
+    pool.place([wait_c])  # both slots busy: the least recently used (a) drains for c
+    assert not pool.admit(wait_c) and pool._by_key["a"].draining
+    pool.released(run_b, was_running=True)  # b goes idle first: c takes its slot
+    pool.place([wait_c])
+    assert pool.admit(wait_c)
+    pool.released(run_a, was_running=True)
+    next_a = _seq(pool, "a")
+    pool.place([next_a])  # nobody waits for a's slot any more
+    assert pool.admit(next_a) and next_a.lora_slot == pool.slot_of(pool.id_of("a"))
 
 
 @pytest.fixture(scope="module")
