@@ -34,7 +34,7 @@ def ratios(targets: dict) -> dict:
     """{peer: {scenario: ours output tok/s / peer output tok/s}} for scenarios both measured."""
     out: dict = {}
     for peer in targets:
-        if peer == OURS:
+        if peer in (OURS, INT8):  # ours-int8 is ours too; the checks set it against llama.cpp q8_0
             continue
         per: dict = {}
         for scenario in targets.get(OURS, {}).get("scenarios", {}):
