@@ -391,6 +391,11 @@ class HFEngine(Engine):
                             self._fail_step(plan, exc)
                         self._record(plan, time.perf_counter() - started)
                         self.steps += 1
+                    else:
+                        # Nothing could run (every waiting request's adapter is still being read in):
+                        # sleep until a request or a load wakes us, or 10 ms, instead of spinning.
+                        self._wake.wait(0.01)
+                        self._wake.clear()
                     self._flush()
                     # A step that answered everything leaves the engine as idle as a timed-out wait:
                     # the next request that comes may be the first of a burst.
