@@ -197,6 +197,8 @@ class VLLMEngine(Engine):
         self._retired: set[str] = set()  # keys removed while requests still use them
         self._successor: dict[str, str] = {}  # key replaced in place -> its replacement
         self._adapter_totals: dict = {}  # served name -> adapter_pool.AdapterTotals
+        # add_lora durations for /metrics' histogram: cumulative counts per LOAD_BUCKETS bound, count, sum
+        self._loads: tuple[list[int], int, float] | None = None
         self._key_names: dict[str, str] = {}  # engine key -> served name
         self._tasks: set[asyncio.Task] = set()
         self._llm = None
@@ -357,20 +359,21 @@ class VLLMEngine(Engine):
             task.add_done_callback(self._tasks.discard)
 
     def adapter_stats(self):
-        from serve.engine.adapter_pool import PoolStats
+        from serve.engine.adapter_pool import LOAD_BUCKETS, PoolStats
 
         resident = dict.fromkeys(self._adapter_totals, False)
         for key in self._lora_requests:
             if key not in self._retired:
                 resident[self._key_names[key]] = True  # in vLLM's LoRA cache (it may evict to disk)
         slots = int(self.engine_kwargs.get("max_loras") or 0)
-        return PoolStats(resident, dict(self._adapter_totals), slots)
+        buckets, count, total = self._loads or ([0] * len(LOAD_BUCKETS), 0, 0.0)
+        return PoolStats(resident, dict(self._adapter_totals), slots, list(buckets), count, total)
 
     async def _add_lora(self, key: str, spec: AdapterSpec) -> None:
         """Load one adapter version into vLLM (its host cache); raises AdapterInvalid when vLLM refuses."""
         from vllm.lora.request import LoRARequest
 
-        from serve.engine.adapter_pool import AdapterTotals
+        from serve.engine.adapter_pool import LOAD_BUCKETS, AdapterTotals
 
         req = LoRARequest(lora_name=key, lora_int_id=next(self._lora_ids), lora_path=str(spec.path))
         t0 = time.monotonic()
@@ -383,8 +386,15 @@ class VLLMEngine(Engine):
         self._lora_requests[key] = req
         self._key_names[key] = spec.name
         totals = self._adapter_totals.setdefault(spec.name, AdapterTotals())
+        seconds = time.monotonic() - t0
         totals.loads += 1
-        totals.load_seconds += time.monotonic() - t0
+        totals.load_seconds += seconds
+        buckets, count, total = self._loads or ([0] * len(LOAD_BUCKETS), 0, 0.0)
+        self._loads = (
+            [b + (seconds <= bound) for b, bound in zip(buckets, LOAD_BUCKETS, strict=True)],
+            count + 1,
+            total + seconds,
+        )
 
     async def _drop_lora(self, key: str) -> None:
         req = self._lora_requests.pop(key, None)

@@ -10,6 +10,7 @@ unload and a deletion, and that a path outside the directory is refused.
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -74,7 +75,7 @@ def post(server, path: str, body: dict) -> httpx.Response:
 def test_directory_and_runtime_adapters_on_vllm(server):
     import openai
 
-    ids = [m.id for m in httpx.get(server.base_url + "/v1/models", timeout=30).json()["data"]]
+    ids = [m["id"] for m in httpx.get(server.base_url + "/v1/models", timeout=30).json()["data"]]
     assert "a" in ids and "team/b" in ids
     base = ids[0]
     a, b, plain = reply(server, "a"), reply(server, "team/b"), reply(server, base)
@@ -101,6 +102,8 @@ def test_directory_and_runtime_adapters_on_vllm(server):
 
     metrics = httpx.get(server.base_url + "/metrics", timeout=30).text
     assert 'llm_serve_adapter_requests_total{adapter="a"}' in metrics
+    loads = re.search(r"^llm_serve_adapter_load_duration_seconds_count (\S+)$", metrics, re.M)
+    assert loads and float(loads.group(1)) >= 3  # a, team/b, c (twice): vLLM's add_lora, timed
 
     shutil.rmtree(server.root / "a")
     with pytest.raises(openai.NotFoundError):
