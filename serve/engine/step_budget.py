@@ -5,9 +5,12 @@ long as their decode step alone, and every one of those streams waits for it (is
 3x vLLM's). So while sequences decode, prompt chunks are sized to a target step time:
 
 - `StepCostModel` learns what a step costs on this machine, now: `t = c0 + c_tok * (decode rows +
-  prompt tokens) + c_dec * decode rows + c_kv * cached positions the decode rows read` (c0: reading
-  every weight once; c_tok: a token through the matmuls; c_dec: what a decode row adds, its lm_head
-  row and sampling; c_kv: attention reads), by least squares with exponential forgetting (a shared
+  prompt tokens) + c_dec * decode rows + c_kv * cached positions the decode rows read + c_chunk *
+  prompt chunks` (c0: reading every weight once; c_tok: a token through the matmuls; c_dec: what a
+  decode row adds, its lm_head row and sampling; c_kv: attention reads; c_chunk: what each prompt
+  piece adds whatever its length, its own attention call per layer, its first-token lm_head row
+  and sampling: a step admitting four 16-token pieces costs more than one 64-token piece), by least
+  squares with exponential forgetting (a shared
   machine's speed drifts) and a ridge pull toward a prior, so it never runs away on steps that all
   look alike. Decode-only steps and steps with prompt chunks differ in `tokens`, which separates
   the fixed cost from the per-token one.
@@ -15,21 +18,31 @@ long as their decode step alone, and every one of those streams waits for it (is
   `max_tokens` allows (no stream to stall: the burst reaches its first tokens soonest). Otherwise
   the step may take `ratio` times the decode step of the batch it is filling (the running
   sequences plus the waiting ones that fit), and prompt tokens fill what is left, at least
-  `min_chunk` so prompts always progress.
+  `min_chunk` so prompts always progress. Each prompt piece after the first costs
+  `chunk_tokens` tokens of that budget.
+- The plan is only as good as the model: steps that carried prompt tokens next to decoding rows
+  are remembered as measured / predicted, and the target is divided by a high quantile of that
+  ratio (`margin`, 1 to 1.5), so a model that runs short on such steps (they are the inter-token
+  latency tail) sizes them smaller instead of overshooting the target.
 
 Pure Python, no torch: it runs once per step next to the scheduler.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 # Feature scales (a full step of the default model): keeps the least-squares system well conditioned.
-SCALE = (1.0, 512.0, 16.0, 16384.0)
+SCALE = (1.0, 512.0, 16.0, 16384.0, 4.0)
 # What a step of the 135M default model costs on the 2-core CPU (s), before anything is measured:
-# 30 ms fixed, 1.5 ms a token, 3.5 ms more a decode row, 3 us a cached position read.
-PRIOR = (0.03, 0.77, 0.056, 0.05)
+# 30 ms fixed, 1.5 ms a token, 3.5 ms more a decode row, 3 us a cached position read, 3 ms a chunk.
+PRIOR = (0.03, 0.77, 0.056, 0.05, 0.012)
 WARMUP_STEPS = 20  # observations taken as they are before outliers are clipped
+MARGIN_WINDOW = 64  # recent mixed (prompt + decode) steps whose measured/predicted ratio is kept
+MARGIN_MIN_SAMPLES = 8
+MARGIN_QUANTILE = 0.9
+MARGIN_MAX = 1.5
 
 
 @dataclass(frozen=True)
@@ -39,14 +52,17 @@ class StepLoad:
     decode_rows: int
     prompt_tokens: int
     decode_kv: int  # positions the decode rows attend over, summed
+    prompt_chunks: int = 0  # prompt pieces (one per sequence being prefilled)
 
     def features(self) -> list[float]:
-        raw = (1.0, self.decode_rows + self.prompt_tokens, self.decode_rows, self.decode_kv)
+        raw = (
+            1.0, self.decode_rows + self.prompt_tokens, self.decode_rows, self.decode_kv, self.prompt_chunks,
+        )  # fmt: skip
         return [v / s for v, s in zip(raw, SCALE, strict=True)]
 
 
 class StepCostModel:
-    def __init__(self, forget: float = 0.995, prior_weight: float = 2.0, prior=PRIOR):
+    def __init__(self, forget: float = 0.995, prior_weight: float = 0.5, prior=PRIOR):
         self.forget = forget
         self.prior = list(prior)
         self.prior_weight = prior_weight
@@ -55,10 +71,13 @@ class StepCostModel:
         self._b = [0.0] * n  # sum of forget^age * x t
         self.theta = list(prior)
         self.steps = 0
+        self._mixed: deque[float] = deque(maxlen=MARGIN_WINDOW)  # measured / predicted, mixed steps
 
     def observe(self, load: StepLoad, seconds: float) -> None:
         x = load.features()
         predicted = self.predict(load)
+        if load.decode_rows and load.prompt_tokens and predicted > 0:
+            self._mixed.append(seconds / predicted)
         # A step the OS descheduled (another process took the core) must not teach the model that
         # every step is slow: the budget plans on typical steps. A lasting slowdown still moves it.
         seconds = min(seconds, 1.25 * predicted) if self.steps >= WARMUP_STEPS else seconds
@@ -78,8 +97,26 @@ class StepCostModel:
         """Seconds one more prompt token adds to a step."""
         return max(self.theta[1], 0.0) / SCALE[1]
 
+    def per_chunk(self) -> float:
+        """Seconds one more prompt piece adds to a step, beyond its tokens."""
+        return max(self.theta[4], 0.0) / SCALE[4]
+
+    def chunk_tokens(self) -> int:
+        """What one more prompt piece costs, in prompt tokens (whole, at most 256)."""
+        per_token = self.per_token()
+        return min(round(self.per_chunk() / per_token), 256) if per_token > 0 else 0
+
+    def margin(self) -> float:
+        """How far recent steps with prompt tokens next to decoding rows ran over the prediction:
+        the MARGIN_QUANTILE of measured / predicted, within [1, MARGIN_MAX] (1 until enough seen)."""
+        if len(self._mixed) < MARGIN_MIN_SAMPLES:
+            return 1.0
+        ratios = sorted(self._mixed)
+        q = ratios[min(int(MARGIN_QUANTILE * len(ratios)), len(ratios) - 1)]
+        return min(max(q, 1.0), MARGIN_MAX)
+
     def _solve(self) -> list[float]:
-        """theta = (A + w I)^-1 (b + w prior), by Gaussian elimination (4 x 4)."""
+        """theta = (A + w I)^-1 (b + w prior), by Gaussian elimination (5 x 5)."""
         n, w = len(self.prior), self.prior_weight
         m = [
             [*(self._a[i][j] + (w if i == j else 0.0) for j in range(n)), self._b[i] + w * self.prior[i]]
@@ -108,14 +145,16 @@ def prefill_budget(
     """Prompt tokens the next step may carry next to `decode_rows` decoding sequences.
 
     `batch_rows`: sequences that will decode together once the admitted prompts finish (running
-    plus waiting, at most max_num_seqs); the step may take `ratio` times their decode step.
+    plus waiting, at most max_num_seqs); the step may take `ratio` times their decode step. The
+    budget is for one prompt piece; the caller takes `model.chunk_tokens()` off it for each more.
     """
     room = max(max_tokens - decode_rows, 0)
     if decode_rows == 0 or ratio <= 0:
         return room
     per_row_kv = decode_kv / decode_rows
-    target = ratio * model.predict(StepLoad(batch_rows, 0, int(per_row_kv * batch_rows)))
-    base = model.predict(StepLoad(decode_rows, 0, decode_kv))
+    full = model.predict(StepLoad(batch_rows, 0, int(per_row_kv * batch_rows)))
+    target = ratio * full / model.margin()
+    base = model.predict(StepLoad(decode_rows, 0, decode_kv, 1))
     per_token = model.per_token()
     tokens = int((target - base) / per_token) if per_token > 0 else room
     return min(room, max(tokens, min_chunk))
