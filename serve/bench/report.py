@@ -53,6 +53,12 @@ def _ratio(targets: dict, a: str, b: str, scenario: str) -> float | None:
     return x / y if x and y else None
 
 
+def stutter(targets: dict, target: str) -> float | None:
+    """ITL p99 / TPOT p50 at 16 streams (issue 19: streams do not stutter while prompts are admitted)."""
+    itl, tpot = _get(targets, target, "c16", "itl_s", "p99"), _get(targets, target, "c16", "tpot_s", "p50")
+    return itl / tpot if itl and tpot else None
+
+
 def adapter_ratios(targets: dict) -> dict:
     """{target: c16_adapters tok/s / c16 tok/s}: what serving 4 adapters costs each server."""
     out = {}
@@ -93,6 +99,7 @@ def checks(targets: dict, many: dict | None = None) -> list[dict]:
             Goal("TTFT p50 at 16 streams x 128-token prompts (s)", "<", 2.0),
             _get(targets, OURS, "c16", "ttft_s", "p50"),
         ),
+        (Goal("16 streams: ITL p99 / TPOT p50", "<=", 2.0), stutter(targets, OURS)),
         (Goal("RSS grows across the memory scenario", "==", False), trend.get("grows") if trend else None),
         (Goal("one stream: ours / llama.cpp f32", ">=", 1.0), vs_cpp.get("single")),
         (Goal("16 streams: ours / llama.cpp f32", ">=", 1.0), vs_cpp.get("c16")),

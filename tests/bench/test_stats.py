@@ -74,8 +74,11 @@ def test_memory_trend_flat_and_growing():
 
 
 def _targets(single, c16, c16a, lf_c16, ttft, grows, turns=1.2, json_ratio=0.95):
-    def sc(tput, ttft_p50=None):
-        return {"output_throughput": tput, "ttft_s": {"p50": ttft_p50}}
+    def sc(tput, ttft_p50=None, stutter=1.5 if grows is False else 2.5):
+        return {
+            "output_throughput": tput, "ttft_s": {"p50": ttft_p50},
+            "tpot_s": {"p50": 0.1}, "itl_s": {"p99": 0.1 * stutter},
+        }  # fmt: skip
 
     return {
         "ours": {"status": "ok", "scenarios": {
@@ -102,6 +105,7 @@ def test_checks_pass_and_fail():
     bad = {c["target"]: c["pass"] for c in report.checks(bad_targets, _many(0.5, True))}
     assert not any(bad.values()), bad
     assert bad["64 adapters, 8 slots, random / base-only at 16 streams"] is False
+    assert good["16 streams: ITL p99 / TPOT p50"] and bad["16 streams: ITL p99 / TPOT p50"] is False
 
 
 def test_ratios_and_missing_figures():
