@@ -65,9 +65,10 @@ def pytest_collection_modifyitems(config, items):
             )
 
 
-# The fast tier starts no process either. Library probes that shell out once per process
-# (platform's `uname -p`, ctypes.util's `ldconfig`/compiler lookups) are not a test's process.
-_PROBES = {"uname", "ldconfig", "ld", "gcc", "cc", "objdump"}
+# The fast tier starts no process either. Library probes that shell out once per process or machine
+# (platform's `uname -p`, ctypes.util's `ldconfig`/compiler lookups, matplotlib's `fc-list` while it
+# builds its font cache on a fresh machine) are not a test's process.
+_PROBES = {"uname", "ldconfig", "ld", "gcc", "cc", "objdump", "fc-list"}
 _SPAWN_EVENTS = ("subprocess.Popen", "os.fork", "os.forkpty", "os.posix_spawn", "os.exec", "os.spawn")
 _watch = {"on": False, "spawned": []}
 
