@@ -5,8 +5,7 @@ Pure bookkeeping, no torch. Sequences are admitted from a FIFO queue into free K
 queue while later ones pass it. Every step decodes one token for each sequence past its prompt first,
 then fills a budget with prompt chunks, oldest first: with nothing decoding, up to `max_batched_tokens`;
 while sequences decode, as many prompt tokens as keep the step within `step_time_ratio` times a decode
-step, by the measured step cost (`step_budget.py`; each piece past the first also pays its fixed
-cost), so admitting prompts does not stall the streams.
+step, by the measured step cost (`step_budget.py`), so admitting prompts does not stall the streams.
 Finished sequences leave at once; the last slot is
 moved into the hole so running sequences stay in slots 0..N-1 and decode reads the cache as a view.
 
@@ -91,9 +90,7 @@ class StepPlan:
 
     @property
     def load(self) -> StepLoad:
-        return StepLoad(
-            len(self.decode), sum(c.length for c in self.prefill), self.decode_kv, len(self.prefill)
-        )
+        return StepLoad(len(self.decode), sum(c.length for c in self.prefill), self.decode_kv)
 
     @property
     def empty(self) -> bool:
@@ -163,16 +160,10 @@ class Scheduler:
             ratio=self.step_time_ratio, max_tokens=self.max_batched_tokens,
         )  # fmt: skip
         prefill: list[PrefillChunk] = []
-        # While streams decode, each prompt piece after the first costs its fixed share of the step.
-        per_chunk = self.cost.chunk_tokens() if decode and self.step_time_ratio > 0 else 0
         for seq in self.running:
             if budget <= 0:
                 break
             if seq.in_prefill:
-                if prefill:
-                    budget -= per_chunk
-                    if budget <= 0:
-                        break
                 if seq.num_computed == 0:
                     self._reuse_prefix(seq)
                 n = min(len(seq.prompt_ids) - seq.num_computed, budget)

@@ -4,26 +4,28 @@ A step that carries a 512-token prompt chunk next to 15 decoding sequences takes
 long as their decode step alone, and every one of those streams waits for it (issue 19: ITL p99
 3x vLLM's). So while sequences decode, prompt chunks are sized to a target step time:
 
-- `StepCostModel` learns what a step costs on this machine, now: `t = c0 + c_tok * (decode rows +
-  prompt tokens) + c_dec * decode rows + c_kv * cached positions the decode rows read + c_chunk *
-  prompt chunks` (c0: reading every weight once; c_tok: a token through the matmuls; c_dec: what a
-  decode row adds, its lm_head row and sampling; c_kv: attention reads; c_chunk: what each prompt
-  piece adds whatever its length, its own attention call per layer, its first-token lm_head row
-  and sampling: a step admitting four 16-token pieces costs more than one 64-token piece), by least
-  squares with exponential forgetting (a shared
-  machine's speed drifts) and a ridge pull toward a prior, so it never runs away on steps that all
-  look alike. Decode-only steps and steps with prompt chunks differ in `tokens`, which separates
-  the fixed cost from the per-token one.
+- `StepCostModel` learns what a step costs on this machine, now: `t = c0 + c_tok * prompt tokens +
+  c_dec * decode rows + c_kv * cached positions the decode rows read` (c0: reading every weight
+  once; c_tok: a prompt token through the matmuls; c_dec: a decode row, far cheaper than a prompt
+  token on a CPU where a small batch's matmuls are bound by reading the weights, not by their
+  rows; c_kv: attention reads), by least squares with
+  exponential forgetting (a shared machine's speed drifts) and a ridge pull toward a prior, so it
+  never runs away on steps that all look alike. Every coefficient is a cost, so none is negative:
+  an earlier form that charged decode rows as prompt tokens plus a correction clipped the
+  correction at 0 and over-predicted the full batch's decode step by a quarter, and with it the
+  prompt budget.
 - `prefill_budget`: decode first; with nothing decoding, a step takes as many prompt tokens as
   `max_tokens` allows (no stream to stall: the burst reaches its first tokens soonest). Otherwise
   the step may take `ratio` times the decode step of the batch it is filling (the running
   sequences plus the waiting ones that fit), and prompt tokens fill what is left, at least
-  `min_chunk` so prompts always progress. Each prompt piece after the first costs
-  `chunk_tokens` tokens of that budget.
+  `min_chunk` so prompts always progress.
 - The plan is only as good as the model: steps that carried prompt tokens next to decoding rows
   are remembered as measured / predicted, and the target is divided by a high quantile of that
   ratio (`margin`, 1 to 1.5), so a model that runs short on such steps (they are the inter-token
-  latency tail) sizes them smaller instead of overshooting the target.
+  latency tail: a fixed cost per prompt piece, attention that grows with the piece, a noisy
+  machine) sizes them smaller instead of overshooting the target. (A per-piece term in the model
+  was tried: on real steps it could not be told apart from the prompt length and took 65 ms a
+  piece, starving prompts of budget.)
 
 Pure Python, no torch: it runs once per step next to the scheduler.
 """
@@ -34,10 +36,10 @@ from collections import deque
 from dataclasses import dataclass
 
 # Feature scales (a full step of the default model): keeps the least-squares system well conditioned.
-SCALE = (1.0, 512.0, 16.0, 16384.0, 4.0)
+SCALE = (1.0, 512.0, 16.0, 16384.0)
 # What a step of the 135M default model costs on the 2-core CPU (s), before anything is measured:
-# 30 ms fixed, 1.5 ms a token, 3.5 ms more a decode row, 3 us a cached position read, 3 ms a chunk.
-PRIOR = (0.03, 0.77, 0.056, 0.05, 0.012)
+# 30 ms fixed, 1.5 ms a prompt token, 2 ms a decode row, 3 us a cached position read.
+PRIOR = (0.03, 0.77, 0.032, 0.05)
 WARMUP_STEPS = 20  # observations taken as they are before outliers are clipped
 MARGIN_WINDOW = 64  # recent mixed (prompt + decode) steps whose measured/predicted ratio is kept
 MARGIN_MIN_SAMPLES = 8
@@ -52,12 +54,9 @@ class StepLoad:
     decode_rows: int
     prompt_tokens: int
     decode_kv: int  # positions the decode rows attend over, summed
-    prompt_chunks: int = 0  # prompt pieces (one per sequence being prefilled)
 
     def features(self) -> list[float]:
-        raw = (
-            1.0, self.decode_rows + self.prompt_tokens, self.decode_rows, self.decode_kv, self.prompt_chunks,
-        )  # fmt: skip
+        raw = (1.0, self.prompt_tokens, self.decode_rows, self.decode_kv)
         return [v / s for v, s in zip(raw, SCALE, strict=True)]
 
 
@@ -97,15 +96,6 @@ class StepCostModel:
         """Seconds one more prompt token adds to a step."""
         return max(self.theta[1], 0.0) / SCALE[1]
 
-    def per_chunk(self) -> float:
-        """Seconds one more prompt piece adds to a step, beyond its tokens."""
-        return max(self.theta[4], 0.0) / SCALE[4]
-
-    def chunk_tokens(self) -> int:
-        """What one more prompt piece costs, in prompt tokens (whole, at most 256)."""
-        per_token = self.per_token()
-        return min(round(self.per_chunk() / per_token), 256) if per_token > 0 else 0
-
     def margin(self) -> float:
         """How far recent steps with prompt tokens next to decoding rows ran over the prediction:
         the MARGIN_QUANTILE of measured / predicted, within [1, MARGIN_MAX] (1 until enough seen)."""
@@ -116,7 +106,7 @@ class StepCostModel:
         return min(max(q, 1.0), MARGIN_MAX)
 
     def _solve(self) -> list[float]:
-        """theta = (A + w I)^-1 (b + w prior), by Gaussian elimination (5 x 5)."""
+        """theta = (A + w I)^-1 (b + w prior), by Gaussian elimination (4 x 4)."""
         n, w = len(self.prior), self.prior_weight
         m = [
             [*(self._a[i][j] + (w if i == j else 0.0) for j in range(n)), self._b[i] + w * self.prior[i]]
@@ -145,8 +135,8 @@ def prefill_budget(
     """Prompt tokens the next step may carry next to `decode_rows` decoding sequences.
 
     `batch_rows`: sequences that will decode together once the admitted prompts finish (running
-    plus waiting, at most max_num_seqs); the step may take `ratio` times their decode step. The
-    budget is for one prompt piece; the caller takes `model.chunk_tokens()` off it for each more.
+    plus waiting, at most max_num_seqs); the step may take `ratio` times their decode step,
+    divided by the model's recent `margin` on such steps.
     """
     room = max(max_tokens - decode_rows, 0)
     if decode_rows == 0 or ratio <= 0:
@@ -154,7 +144,7 @@ def prefill_budget(
     per_row_kv = decode_kv / decode_rows
     full = model.predict(StepLoad(batch_rows, 0, int(per_row_kv * batch_rows)))
     target = ratio * full / model.margin()
-    base = model.predict(StepLoad(decode_rows, 0, decode_kv, 1))
+    base = model.predict(StepLoad(decode_rows, 0, decode_kv))
     per_token = model.per_token()
     tokens = int((target - base) / per_token) if per_token > 0 else room
     return min(room, max(tokens, min_chunk))

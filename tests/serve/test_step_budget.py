@@ -202,36 +202,6 @@ def test_scheduling_settings_are_validated_with_clear_errors(tmp_path, capsys):
     assert "step_time_ratio" in capsys.readouterr().err
 
 
-def chunky(load: StepLoad) -> float:
-    """`machine`, plus 12 ms for every prompt piece whatever its length."""
-    return machine(load) + 0.012 * load.prompt_chunks
-
-
-def test_the_model_learns_what_each_prompt_piece_costs_and_the_scheduler_pays_it():
-    rng = random.Random(3)
-    model = StepCostModel()
-    for load in steps(400, seed=3):
-        chunks = rng.randint(1, 4) if load.prompt_tokens else 0
-        load = StepLoad(load.decode_rows, load.prompt_tokens, load.decode_kv, chunks)
-        model.observe(load, chunky(load))
-    assert model.predict(StepLoad(8, 64, 2000, 4)) == pytest.approx(
-        chunky(StepLoad(8, 64, 2000, 4)), rel=0.08
-    )
-    assert model.per_chunk() == pytest.approx(0.012, rel=0.4)
-    assert model.chunk_tokens() == round(model.per_chunk() / model.per_token())
-    # Many small prompts wait next to 12 decoding streams: the step still keeps to the ratio, so it
-    # admits fewer pieces than a model blind to their fixed cost would.
-    s = Scheduler(16, max_batched_tokens=512, step_time_ratio=2.0)
-    s.cost = model
-    _decoding(s, 12, 400, "d")
-    for i in range(4):
-        s.add(_seq(20, f"p{i}"))
-    plan = s.schedule()
-    full = chunky(StepLoad(16, 0, 16 * 401))
-    assert plan.load.prompt_chunks == len(plan.prefill) >= 1
-    assert chunky(plan.load) <= 2.0 * full * 1.1
-
-
 def test_steps_that_run_over_their_prediction_are_planned_smaller(monkeypatch):
     """Prompt tokens next to decoding rows costing more, and more erratically, than the model can see
     (cache contention, say): the measured/predicted margin shrinks later budgets, so the slow tail
@@ -249,7 +219,7 @@ def test_steps_that_run_over_their_prediction_are_planned_smaller(monkeypatch):
             decode = StepLoad(16, 0, 16 * 400)
             model.observe(decode, machine(decode))
             tokens = prefill_budget(model, 15, 15 * 400, 16, ratio=2.0, max_tokens=512)
-            load = StepLoad(15, tokens, 15 * 400, 1)
+            load = StepLoad(15, tokens, 15 * 400)
             t = machine(load) + 0.002 * tokens * rng.uniform(0.0, 1.0)  # up to 2x a prompt token
             model.observe(load, t)
             over.append(t / full)
@@ -257,8 +227,9 @@ def test_steps_that_run_over_their_prediction_are_planned_smaller(monkeypatch):
 
     model, p90 = run()
     assert 1.05 < model.margin() <= 1.5
-    assert p90 <= 2.0 * 1.05
     monkeypatch.setattr(step_budget, "MARGIN_MAX", 1.0)  # the model alone plans for the mean
     _, p90_blind = run()
-    assert p90_blind > 2.0 * 1.05 and p90_blind > p90
+    print(f"90th percentile step / full decode step: {p90:.3f} with the margin, {p90_blind:.3f} without")
+    assert p90 <= 2.0 * 1.08
+    assert p90_blind > 2.0 * 1.1 and p90_blind > p90 + 0.1
     assert StepCostModel().margin() == 1.0  # nothing seen yet: no margin
