@@ -6,6 +6,14 @@ faster (lm_head `[49152, 576]` at M=2: 4.6 ms vs 16.3 ms), and for M = 1 a trans
 `W.T [K, N]` read as `x @ W.T` is 1.7-2x faster for wide outputs (lm_head 3.5 vs 7.2 ms, gate+up
 0.28 vs 0.48 ms), while it is the slowest form for M >= 2. So every weight keeps its row-major
 tensor and, where `tune_single_row` measures that it pays, a transposed copy used for one-row steps.
+
+The `(W @ x.T).T` form also has row counts MKL handles badly: measured on the same CPU (one layer's
+q/k/v + gate/up + down), 15 rows took 3.95 ms against 1.83 ms for 16, 31 rows 4.39 ms against 2.25
+for 32; rows that are a multiple of 8 are fast, most others pay for a tail. A step's row count is
+whatever the batch holds (15 streams after one finished, 15 decode rows next to a 50-token prompt
+piece), so `tune_row_padding` times each weight shape at every row count up to `SMALL_M` at load
+and, where a few more rows of zeros run faster, the matmul runs padded and the extra rows are
+dropped (a view: nothing is copied back).
 On GPU plain `F.linear` is used.
 """
 
@@ -23,6 +31,9 @@ logger = logging.getLogger(__name__)
 SMALL_M = 128
 # Keep a transposed copy only when one-row steps get at least this much faster with it.
 MIN_GAIN = 0.15
+# Pad a matmul's rows with zeros, by at most this many, when that makes it at least MIN_PAD_GAIN faster.
+PAD_REACH = 8
+MIN_PAD_GAIN = 0.15
 
 
 class Dense:
@@ -36,7 +47,7 @@ class Dense:
     Lead rows are rewritten in place when an adapter is loaded into a slot (`write_lead`).
     """
 
-    __slots__ = ("weight", "bias", "weight_t", "cpu", "lead", "w", "w_t")
+    __slots__ = ("weight", "bias", "weight_t", "cpu", "lead", "w", "w_t", "pad_to")
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, lead: int = 0):
         self.weight = weight.contiguous()
@@ -44,6 +55,7 @@ class Dense:
         self.lead = lead
         self.cpu = weight.device.type == "cpu"
         self.w = self.weight[lead:]
+        self.pad_to: list[int] | None = None  # pad_to[m]: rows a matmul of m rows runs with
         self.set_transposed(None)
 
     @property
@@ -60,8 +72,20 @@ class Dense:
         if not self.cpu or m > SMALL_M:
             return F.linear(x, self.w, self.bias)
         # One row: the transposed copy; else a transposed view, which the next matmul reads as is.
-        y = x @ self.w_t if m == 1 and self.w_t is not None else (self.w @ x.t()).t()
+        if m == 1 and self.w_t is not None:
+            y = x @ self.w_t
+        else:
+            y = (self.w @ self._padded(x).t()).t()[:m]
         return y if self.bias is None else y + self.bias
+
+    def _padded(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` with zero rows added up to the row count `tune_row_padding` found faster."""
+        m, pad = x.shape[0], self.pad_to
+        if pad is None or m >= len(pad) or pad[m] == m:
+            return x
+        out = x.new_zeros(pad[m], x.shape[1])
+        out[:m] = x
+        return out
 
     def with_lead(self, x: torch.Tensor, skip: int = 0) -> tuple[torch.Tensor, bool]:
         """Rows from `skip` on (lead rows included), without bias: `([M, lead - skip + N], False)` or
@@ -71,7 +95,7 @@ class Dense:
             return F.linear(x, self.weight[skip:]), False
         if m == 1 and self.weight_t is not None:
             return x @ self.weight_t[:, skip:], False
-        return self.weight[skip:] @ x.t(), True
+        return (self.weight[skip:] @ self._padded(x).t())[:, :m], True
 
     def write_lead(self, start: int, rows: torch.Tensor) -> None:
         """Overwrite lead rows `[start, start + len(rows))` in the weight and its transposed copy."""
@@ -121,6 +145,46 @@ def tune_single_row(denses: list[Dense], max_extra_bytes: int | None = None) -> 
             for d in group:
                 d.set_transposed(None)
     return added
+
+
+def tune_row_padding(denses: list[Dense], head_rows: int = 32, repeats: int = 2) -> dict[tuple[int, int], list[int]]:
+    """Time each weight shape's `(W @ x.T)` at every row count from 2 to `SMALL_M`, and give its
+    weights a table (`Dense.pad_to`) sending each row count to the count within `PAD_REACH` above it
+    that runs at least `MIN_PAD_GAIN` faster, when one does. Shapes of over 16M values (an LM
+    head: only sampled rows reach it) are timed up to `head_rows` rows only, to keep start-up short.
+    Returns the tables by shape (row counts that are padded only), for the log and tests.
+    """
+    by_shape: dict[tuple[int, int], list[Dense]] = {}
+    for d in denses:
+        if d.cpu:
+            by_shape.setdefault(d.shape, []).append(d)
+    padded: dict[tuple[int, int], list[int]] = {}
+    for shape, group in by_shape.items():
+        limit = SMALL_M if shape[0] * shape[1] <= 16 * 2**20 else min(head_rows, SMALL_M)
+        w = group[0].weight
+        x = torch.randn(limit, shape[1], dtype=w.dtype)
+        cost = [0.0, 0.0]
+        for m in range(2, limit + 1):
+            xm = x[:m].t()
+            best = float("inf")
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                w @ xm  # noqa: B018
+                best = min(best, time.perf_counter() - t0)
+            cost.append(best)
+        table = list(range(limit + 1))
+        for m in range(2, limit + 1):
+            faster = min(range(m, min(m + PAD_REACH, limit) + 1), key=cost.__getitem__)
+            if cost[faster] < (1 - MIN_PAD_GAIN) * cost[m]:
+                table[m] = faster
+        for d in group:
+            d.pad_to = table
+        padded[shape] = [m for m in range(2, limit + 1) if table[m] != m]
+        logger.info(
+            "matmul %s x%d: %d of %d row counts run padded (%s)", list(shape), len(group),
+            len(padded[shape]), limit - 1, ", ".join(f"{m}->{table[m]}" for m in padded[shape][:12]),
+        )  # fmt: skip
+    return padded
 
 
 def _time_pass(group: list[Dense], x: torch.Tensor, repeats: int = 3) -> float:

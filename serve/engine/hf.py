@@ -200,7 +200,13 @@ class HFEngine(Engine):
     def _build_native(self, model):
         """The native decoder with every adapter loaded, or None to run transformers' code."""
         from serve.engine import llama
-        from serve.engine.gemm import Dense, QuantizationError, check_int8_support, tune_single_row
+        from serve.engine.gemm import (
+            Dense,
+            QuantizationError,
+            check_int8_support,
+            tune_row_padding,
+            tune_single_row,
+        )
 
         impl, quantize = self.config.model_impl, self.config.quantize
         reason = (
@@ -223,9 +229,11 @@ class HFEngine(Engine):
             check_int8_support()
         native = llama.NativeLlama(model, self.lora_ctx, self.max_model_len)
         native.finalize(self.max_loras, self.max_lora_rank, quantize=quantize)
-        extra = tune_single_row([d for d in native.denses() if isinstance(d, Dense)])
+        denses = [d for d in native.denses() if isinstance(d, Dense)]
+        extra = tune_single_row(denses)
         if extra:
             logger.info("one-row matmuls: %.0f MB of transposed weight copies", extra / 2**20)
+        tune_row_padding(denses, head_rows=self.config.max_num_seqs + 8)
         return native
 
     async def start(self) -> None:

@@ -73,7 +73,8 @@ def test_uncovered_model_falls_back_or_is_refused(real_tokenizer_dir, tmp_path):
 
 @pytest.mark.parametrize("rows", [1, 2, 5, 16, 200])
 @pytest.mark.parametrize("transposed_copy", [False, True])
-def test_dense_formulations_agree(rows, transposed_copy):
+@pytest.mark.parametrize("padded", [False, True])
+def test_dense_formulations_agree(rows, transposed_copy, padded):
     torch.manual_seed(0)
     lead_rows, weight, bias, x = (
         torch.randn(8, 40),
@@ -84,12 +85,35 @@ def test_dense_formulations_agree(rows, transposed_copy):
     dense = Dense(torch.cat([lead_rows, weight]), bias, lead=8)
     if transposed_copy:
         dense.set_transposed(dense.weight.t().contiguous())
+    if padded:  # every row count runs with 8 more rows of zeros (as tune_row_padding may choose)
+        dense.pad_to = [m + 8 if m > 1 else m for m in range(300)]
     y = dense(x)
     assert y.shape == (rows, 96)
     torch.testing.assert_close(y, torch.nn.functional.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
     full, transposed = dense.with_lead(x)
     full = full.t() if transposed else full
     torch.testing.assert_close(full, x @ dense.weight.t(), rtol=1e-5, atol=1e-5)
+
+
+def test_row_padding_tables_only_pad_upwards_within_reach(caplog):
+    import logging
+
+    from serve.engine.gemm import PAD_REACH, SMALL_M, tune_row_padding
+
+    denses = [Dense(torch.randn(256, 64)) for _ in range(2)] + [Dense(torch.randn(128, 96))]
+    with caplog.at_level(logging.INFO, logger="serve.engine.gemm"):
+        padded = tune_row_padding(denses, repeats=1)
+    assert set(padded) == {(256, 64), (128, 96)}
+    assert denses[0].pad_to is denses[1].pad_to  # one table per shape
+    for d in denses:
+        table = d.pad_to
+        assert len(table) == SMALL_M + 1 and table[:2] == [0, 1]
+        assert all(m <= table[m] <= min(m + PAD_REACH, SMALL_M) for m in range(2, SMALL_M + 1))
+    assert "row counts run padded" in caplog.text
+    # Whatever was chosen, the outputs are those of the unpadded matmul.
+    for rows in (2, 7, 15, 33, 127):
+        x = torch.randn(rows, 96)
+        torch.testing.assert_close(denses[2](x), x @ denses[2].weight.t(), rtol=1e-5, atol=1e-5)
 
 
 def test_tuning_respects_the_memory_cap():
