@@ -72,10 +72,7 @@ class Dense:
         if not self.cpu or m > SMALL_M:
             return F.linear(x, self.w, self.bias)
         # One row: the transposed copy; else a transposed view, which the next matmul reads as is.
-        if m == 1 and self.w_t is not None:
-            y = x @ self.w_t
-        else:
-            y = (self.w @ self._padded(x).t()).t()[:m]
+        y = x @ self.w_t if m == 1 and self.w_t is not None else (self.w @ self._padded(x).t()).t()[:m]
         return y if self.bias is None else y + self.bias
 
     def _padded(self, x: torch.Tensor) -> torch.Tensor:
@@ -147,7 +144,9 @@ def tune_single_row(denses: list[Dense], max_extra_bytes: int | None = None) -> 
     return added
 
 
-def tune_row_padding(denses: list[Dense], head_rows: int = 32, repeats: int = 2) -> dict[tuple[int, int], list[int]]:
+def tune_row_padding(
+    denses: list[Dense], head_rows: int = 32, repeats: int = 2
+) -> dict[tuple[int, int], list[int]]:
     """Time each weight shape's `(W @ x.T)` at every row count from 2 to `SMALL_M`, and give its
     weights a table (`Dense.pad_to`) sending each row count to the count within `PAD_REACH` above it
     that runs at least `MIN_PAD_GAIN` faster, when one does. Shapes of over 16M values (an LM
