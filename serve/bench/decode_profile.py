@@ -164,11 +164,11 @@ def matmul_rates(denses, rows: int, passes: int = 3) -> list[dict]:
 
 def _bytes_read(dense, rows: int) -> int:
     """Weight bytes one matmul reads: 1 per int8 weight on the int8 kernel, 2 on its bf16 copy."""
-    from serve.engine.gemm import INT8_KERNEL_MAX_ROWS, Int8Dense
+    from serve.engine.gemm import Int8Dense
 
     n, k = dense.shape
     if isinstance(dense, Int8Dense):
-        return n * k * (1 if rows <= INT8_KERNEL_MAX_ROWS else 2)
+        return n * k * (1 if rows <= dense.kernel_max_rows else 2)
     return n * k * dense.weight.element_size()
 
 

@@ -149,7 +149,8 @@ def tune_row_padding(
 ) -> dict[tuple[int, int], list[int]]:
     """Time each weight shape's `(W @ x.T)` at every row count from 2 to `SMALL_M`, and give its
     weights a table (`Dense.pad_to`) sending each row count to the count within `PAD_REACH` above it
-    that runs at least `MIN_PAD_GAIN` faster, when one does. Shapes of over 16M values (an LM
+    that runs at least `MIN_PAD_GAIN` faster, when one does, and still does when the two are timed
+    again head to head. Shapes of over 16M values (an LM
     head: only sampled rows reach it) are timed up to `head_rows` rows only, to keep start-up short.
     Returns the tables by shape (row counts that are padded only), for the log and tests.
     """
@@ -176,6 +177,12 @@ def tune_row_padding(
             faster = min(range(m, min(m + PAD_REACH, limit) + 1), key=cost.__getitem__)
             if cost[faster] < (1 - MIN_PAD_GAIN) * cost[m]:
                 table[m] = faster
+        # One pass over every row count lets a stray slow sample (the OS took the core) pick a
+        # padding: confirm each chosen one head to head, interleaved, before trusting it.
+        for m in [m for m in range(2, limit + 1) if table[m] != m]:
+            plain, pad = _head_to_head(w, x[:m].t(), x[: table[m]].t(), repeats + 1)
+            if pad >= (1 - MIN_PAD_GAIN) * plain:
+                table[m] = m
         for d in group:
             d.pad_to = table
         padded[shape] = [m for m in range(2, limit + 1) if table[m] != m]
@@ -184,6 +191,17 @@ def tune_row_padding(
             len(padded[shape]), limit - 1, ", ".join(f"{m}->{table[m]}" for m in padded[shape][:12]),
         )  # fmt: skip
     return padded
+
+
+def _head_to_head(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, repeats: int) -> tuple[float, float]:
+    """Best-of-`repeats` times of `w @ a` and `w @ b`, alternating."""
+    best = [float("inf"), float("inf")]
+    for _ in range(repeats):
+        for i, x in enumerate((a, b)):
+            t0 = time.perf_counter()
+            w @ x  # noqa: B018
+            best[i] = min(best[i], time.perf_counter() - t0)
+    return best[0], best[1]
 
 
 def _time_pass(group: list[Dense], x: torch.Tensor, repeats: int = 3) -> float:
@@ -207,10 +225,15 @@ def _available_memory() -> int:
     return int(psutil.virtual_memory().available)
 
 
-# At most this many rows go through torch's int8 weight-only kernel; above it the bf16 copy of the
-# int8 values on oneDNN (AMX) is faster (measured on the 2-core Xeon, 135M model, a whole step's
-# matmuls: 1 row 39 vs 93 ms, 4 rows 51 vs 90, 8 rows 104 vs 91, 16 rows 179 vs 101).
+# Before `tune_int8_rows` measures it: at most this many rows go through torch's int8 weight-only
+# kernel; above it the bf16 copy of the int8 values on oneDNN (AMX) is faster (measured on the
+# 2-core Xeon, 135M model, a whole step's matmuls: 1 row 39 vs 93 ms, 4 rows 51 vs 90, 8 rows 104
+# vs 91, 16 rows 179 vs 101). On a CPU without native bf16 (AMD EPYC, AVX2) the bf16 path is ~3.5x
+# slower than the kernel at every row count (gate/up at 16 rows: 3.88 vs 1.04 ms), and a fixed 4
+# made `--quantize int8` at 16 streams half as fast as fp32.
 INT8_KERNEL_MAX_ROWS = 4
+# Row counts at which `tune_int8_rows` compares the two paths.
+INT8_TUNE_ROWS = (2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class QuantizationError(ValueError):
@@ -236,15 +259,15 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class Int8Dense:
     """Weight-only int8 `y = x @ (q * scale).T (+ b)`, the `Dense` of `--quantize int8`.
 
-    Activations are rounded to bf16 and products accumulate in fp32. Up to `INT8_KERNEL_MAX_ROWS`
-    rows use `aten._weight_int8pack_mm` (reads 1 byte per weight: the memory-bound one-stream
+    Activations are rounded to bf16 and products accumulate in fp32. Up to `kernel_max_rows` rows
+    (`INT8_KERNEL_MAX_ROWS` until `tune_int8_rows` measures this CPU) use `aten._weight_int8pack_mm` (reads 1 byte per weight: the memory-bound one-stream
     step); more rows multiply a bf16 copy of the same integer values (exact in bf16), pre-packed
     for oneDNN (AMX where the CPU has it; unpacked, oneDNN would re-layout the weight every call),
     then scale each column: the same figures within bf16 rounding. The output is in the input's
     dtype. No LoRA rows (`lead`): adapters stay in float in `Projection`.
     """
 
-    __slots__ = ("qweight", "scale", "scale_f", "bf16", "packed", "bias", "lead", "cpu")
+    __slots__ = ("qweight", "scale", "scale_f", "bf16", "packed", "bias", "lead", "cpu", "kernel_max_rows")
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         self.qweight, self.scale = quantize_int8(weight)
@@ -252,6 +275,7 @@ class Int8Dense:
         self.bias = bias
         self.lead = 0
         self.cpu = True
+        self.kernel_max_rows: float = INT8_KERNEL_MAX_ROWS
         self.bf16 = self.qweight.to(torch.bfloat16)
         self.packed = None
         if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
@@ -262,16 +286,58 @@ class Int8Dense:
         return tuple(self.qweight.shape)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        xb = x.to(torch.bfloat16)
-        if x.shape[0] <= INT8_KERNEL_MAX_ROWS:
-            y = torch.ops.aten._weight_int8pack_mm(xb, self.qweight, self.scale).to(x.dtype)
-        else:
-            if self.packed is not None:
-                y = torch.ops.mkldnn._linear_pointwise(xb, self.packed, None, "none", [], "")
-            else:
-                y = F.linear(xb, self.bf16)
-            y = y.to(x.dtype).mul_(self.scale_f)
+        y = self.kernel(x) if x.shape[0] <= self.kernel_max_rows else self.via_bf16(x)
         return y if self.bias is None else y.add_(self.bias)
+
+    def kernel(self, x: torch.Tensor) -> torch.Tensor:
+        """Through torch's int8 weight-only kernel (no bias)."""
+        return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.qweight, self.scale).to(x.dtype)
+
+    def via_bf16(self, x: torch.Tensor) -> torch.Tensor:
+        """Through the bf16 copy of the integers, then the scales (no bias)."""
+        xb = x.to(torch.bfloat16)
+        if self.packed is not None:
+            y = torch.ops.mkldnn._linear_pointwise(xb, self.packed, None, "none", [], "")
+        else:
+            y = F.linear(xb, self.bf16)
+        return y.to(x.dtype).mul_(self.scale_f)
+
+
+def tune_int8_rows(denses: list[Int8Dense], repeats: int = 2) -> dict[tuple[int, int], float]:
+    """Per weight shape, the most rows for which the int8 kernel beats the bf16 path on this CPU.
+
+    Both are timed (head to head, alternating) at each of `INT8_TUNE_ROWS`; `kernel_max_rows` becomes
+    the largest count below the first at which the bf16 path wins, or infinity when it never does
+    (no native bf16: the kernel serves every step, prefill included). Returns it by shape.
+    """
+    by_shape: dict[tuple[int, int], list[Int8Dense]] = {}
+    for d in denses:
+        by_shape.setdefault(d.shape, []).append(d)
+    chosen: dict[tuple[int, int], float] = {}
+    for shape, group in by_shape.items():
+        d, limit = group[0], float("inf")
+        x = torch.randn(max(INT8_TUNE_ROWS), shape[1])
+        previous = 1
+        for m in INT8_TUNE_ROWS:
+            xm = x[:m]
+            d.kernel(xm), d.via_bf16(xm)  # warm-up (oneDNN builds its primitive once per shape)
+            best = [float("inf"), float("inf")]
+            for _ in range(repeats):
+                for i, path in enumerate((d.kernel, d.via_bf16)):
+                    t0 = time.perf_counter()
+                    path(xm)
+                    best[i] = min(best[i], time.perf_counter() - t0)
+            if best[1] < best[0]:
+                limit = previous
+                break
+            previous = m
+        for g in group:
+            g.kernel_max_rows = limit
+        chosen[shape] = limit
+        logger.info(
+            "int8 matmul %s x%d: the int8 kernel up to %s rows, bf16 above", list(shape), len(group), limit
+        )
+    return chosen
 
 
 def check_int8_support() -> None:

@@ -202,8 +202,10 @@ class HFEngine(Engine):
         from serve.engine import llama
         from serve.engine.gemm import (
             Dense,
+            Int8Dense,
             QuantizationError,
             check_int8_support,
+            tune_int8_rows,
             tune_row_padding,
             tune_single_row,
         )
@@ -234,6 +236,7 @@ class HFEngine(Engine):
         if extra:
             logger.info("one-row matmuls: %.0f MB of transposed weight copies", extra / 2**20)
         tune_row_padding(denses, head_rows=self.config.max_num_seqs + 8)
+        tune_int8_rows([d for d in native.denses() if isinstance(d, Int8Dense)])
         return native
 
     async def start(self) -> None:

@@ -29,10 +29,12 @@ def test_quantized_weights_are_within_half_a_step():
 
 
 @pytest.mark.parametrize("rows", sorted({1, 2, INT8_KERNEL_MAX_ROWS, INT8_KERNEL_MAX_ROWS + 1, 16, 200}))
-def test_int8_dense_matches_its_dequantized_weight(rows):
+@pytest.mark.parametrize("kernel_max_rows", [INT8_KERNEL_MAX_ROWS, 0, float("inf")])
+def test_int8_dense_matches_its_dequantized_weight(rows, kernel_max_rows):
     torch.manual_seed(0)
     w, b, x = torch.randn(96, 128) * 0.05, torch.randn(96), torch.randn(rows, 128)
     dense = Int8Dense(w, b)
+    dense.kernel_max_rows = kernel_max_rows  # either path, whatever tune_int8_rows would choose
     y = dense(x)
     assert y.shape == (rows, 96) and y.dtype == torch.float32
     deq = dense.qweight.float() * dense.scale.float().unsqueeze(1)
@@ -40,6 +42,22 @@ def test_int8_dense_matches_its_dequantized_weight(rows):
     torch.testing.assert_close(y, torch.nn.functional.linear(x, deq, b), rtol=2e-2, atol=3e-2)
     # ... and the int8 itself stays close to the float weight it came from.
     assert (y - torch.nn.functional.linear(x, w, b)).abs().max() < 0.1
+
+
+def test_int8_row_tuning_picks_the_faster_path_per_shape(caplog):
+    import logging
+
+    from serve.engine.gemm import INT8_TUNE_ROWS, tune_int8_rows
+
+    torch.manual_seed(0)
+    denses = [Int8Dense(torch.randn(256, 128)) for _ in range(2)] + [Int8Dense(torch.randn(64, 256))]
+    with caplog.at_level(logging.INFO, logger="serve.engine.gemm"):
+        chosen = tune_int8_rows(denses, repeats=1)
+    assert set(chosen) == {(256, 128), (64, 256)}
+    assert denses[0].kernel_max_rows == denses[1].kernel_max_rows == chosen[(256, 128)]
+    for limit in chosen.values():  # 1 (bf16 already wins at 2 rows), a tuned count, or no limit
+        assert limit in (1, *INT8_TUNE_ROWS, float("inf"))
+    assert "int8 kernel up to" in caplog.text
 
 
 @pytest.mark.parametrize(
