@@ -66,6 +66,10 @@ def _convert_into(gguf_path: Path, out: Path) -> None:
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0],
     )
     model.save_pretrained(out, safe_serialization=True)
+    # transformers records how the files were found (HF_HUB_OFFLINE in the converting process sets
+    # local_files_only) in tokenizer_config.json: the same default model must convert to the same
+    # files whoever converts it first (a bench with HF_HUB_OFFLINE=1, or `llm-serve`).
+    tokenizer.init_kwargs["local_files_only"] = False
     tokenizer.save_pretrained(out)
     logger.info("converted in %.1f s into %s", time.monotonic() - start, out)
 
