@@ -180,7 +180,8 @@ def tune_row_padding(
         # One pass over every row count lets a stray slow sample (the OS took the core) pick a
         # padding: confirm each chosen one head to head, interleaved, before trusting it.
         for m in [m for m in range(2, limit + 1) if table[m] != m]:
-            plain, pad = _head_to_head(w, x[:m].t(), x[: table[m]].t(), repeats + 1)
+            a, b = x[:m].t(), x[: table[m]].t()
+            plain, pad = _head_to_head(lambda: w @ a, lambda: w @ b, repeats + 1)  # noqa: B023
             if pad >= (1 - MIN_PAD_GAIN) * plain:
                 table[m] = m
         for d in group:
@@ -193,13 +194,13 @@ def tune_row_padding(
     return padded
 
 
-def _head_to_head(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, repeats: int) -> tuple[float, float]:
-    """Best-of-`repeats` times of `w @ a` and `w @ b`, alternating."""
+def _head_to_head(first, second, repeats: int) -> tuple[float, float]:
+    """Best-of-`repeats` times of two calls, alternating (a drifting machine hits both alike)."""
     best = [float("inf"), float("inf")]
     for _ in range(repeats):
-        for i, x in enumerate((a, b)):
+        for i, call in enumerate((first, second)):
             t0 = time.perf_counter()
-            w @ x  # noqa: B018
+            call()
             best[i] = min(best[i], time.perf_counter() - t0)
     return best[0], best[1]
 
@@ -321,13 +322,8 @@ def tune_int8_rows(denses: list[Int8Dense], repeats: int = 2) -> dict[tuple[int,
         for m in INT8_TUNE_ROWS:
             xm = x[:m]
             d.kernel(xm), d.via_bf16(xm)  # warm-up (oneDNN builds its primitive once per shape)
-            best = [float("inf"), float("inf")]
-            for _ in range(repeats):
-                for i, path in enumerate((d.kernel, d.via_bf16)):
-                    t0 = time.perf_counter()
-                    path(xm)
-                    best[i] = min(best[i], time.perf_counter() - t0)
-            if best[1] < best[0]:
+            kernel, bf16 = _head_to_head(lambda: d.kernel(xm), lambda: d.via_bf16(xm), repeats)  # noqa: B023
+            if bf16 < kernel:
                 limit = previous
                 break
             previous = m
