@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix-cache-memory-gb", type=float, help=f["prefix_cache_memory_gb"].description)
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help=f["dtype"].description)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help=f["device"].description)
-    p.add_argument("--engine", choices=["hf", "vllm"], help=f["engine"].description)
+    p.add_argument("--engine", choices=["hf", "vllm", "llama-cpp"], help=f["engine"].description)
     p.add_argument(
         "--model-impl", choices=["auto", "native", "transformers"], help=f["model_impl"].description
     )

@@ -135,10 +135,12 @@ class ServeConfig(BaseModel):
         "or vLLM's own choice from the checkpoint (vllm engine).",
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the HF engine runs.")
-    engine: Literal["hf", "vllm"] = Field(
+    engine: Literal["hf", "vllm", "llama-cpp"] = Field(
         "hf",
         description="hf: llm-serve's own continuous-batching engine (its native decoder for Llama, Mistral "
-        "and Qwen2, else transformers' modeling code); vllm: vLLM (needs ./.venv-vllm).",
+        "and Qwen2, else transformers' modeling code); vllm: vLLM (needs ./.venv-vllm); llama-cpp: "
+        "llama.cpp's llama-server on the model written as GGUF (`make llama-cpp`; CPU, start-up adapters "
+        "only, fastest for one adapter at a time).",
     )
     model_impl: Literal["auto", "native", "transformers"] = Field(
         "auto",
@@ -148,7 +150,8 @@ class ServeConfig(BaseModel):
     quantize: Literal["none", "int8"] = Field(
         "none",
         description="HF engine, native decoder, CPU: int8 weight-only attention/MLP projections "
-        "(per-channel scales, bf16 activations; adapters stay in float): faster decode, small logit drift.",
+        "(per-channel scales, bf16 activations; adapters stay in float): faster decode, small logit drift. "
+        "llama-cpp engine: the GGUF is written as q8_0.",
     )
     allow_base_mismatch: bool = Field(
         False, description="Serve adapters whose recorded base model differs from the served one."
@@ -181,9 +184,9 @@ class ServeConfig(BaseModel):
     @model_validator(mode="after")
     def _quantize_needs_native_cpu(self) -> ServeConfig:
         if self.quantize != "none":
-            if self.engine != "hf":
+            if self.engine == "vllm":
                 raise ValueError(
-                    f"quantize={self.quantize} is for the hf engine (vLLM quantizes its own way)"
+                    f"quantize={self.quantize} is for the hf and llama-cpp engines (vLLM quantizes its own way)"
                 )
             if self.model_impl == "transformers":
                 raise ValueError(

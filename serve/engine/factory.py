@@ -13,6 +13,10 @@ def create_engine(config: ServeConfig, model: ResolvedModel, adapters: list[Adap
         from serve.engine.vllm import VLLMEngine
 
         return VLLMEngine(config, model, adapters)
+    if config.engine == "llama-cpp":
+        from serve.engine.llama_cpp import LlamaCppEngine
+
+        return LlamaCppEngine(config, model, adapters)
     from serve.engine.hf import HFEngine
 
     return HFEngine(config, model, adapters)

@@ -1,0 +1,159 @@
+"""The llama.cpp engine's pure parts: the /completion body, logprobs, stop rules, settings, missing build.
+
+The real llama-server behind `llm-serve --engine llama-cpp` is tested in test_llama_cpp_e2e.py."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from serve.config import ServeConfig
+from serve.engine.detokenizer import IncrementalDetokenizer
+from serve.engine.llama_cpp import _Tracker, completion_body, gguf_type, parse_logprobs
+from serve.engine.types import GenerationRequest, InvalidGenerationRequest, SamplingParams
+from serve.structured.spec import OutputConstraint
+
+
+def test_body_switches_off_llama_cpp_sampler_defaults_and_maps_fields():
+    p = SamplingParams(max_tokens=7, temperature=0.7, top_p=0.9, seed=2**40 + 5, presence_penalty=0.5,
+                       frequency_penalty=-0.25)  # fmt: skip
+    body = completion_body([1, 2, 3], p, lora_id=None)
+    assert body["prompt"] == [1, 2, 3] and body["n_predict"] == 7
+    assert body["stream"] and body["return_tokens"] and body["cache_prompt"]
+    assert body["temperature"] == 0.7 and body["top_p"] == 0.9
+    # What an OpenAI client does not ask for must not shape the output: top_k 40, min_p 0.05, repeat penalty.
+    assert (
+        body["top_k"] == 0
+        and body["min_p"] == 0.0
+        and body["repeat_penalty"] == 1.0
+        and body["typical_p"] == 1.0
+    )
+    assert body["presence_penalty"] == 0.5 and body["frequency_penalty"] == -0.25
+    assert body["seed"] == 5  # llama.cpp seeds are 32-bit
+    assert body["lora"] == [] and not body["ignore_eos"]
+    assert "n_probs" not in body and "json_schema" not in body
+
+
+def test_body_greedy_adapter_logprobs_and_no_prefix_cache():
+    p = SamplingParams(max_tokens=1, temperature=0.0, logprobs=0, ignore_eos=True)
+    body = completion_body([9], p, lora_id=2, cache_prompt=False)
+    assert body["temperature"] == 0.0 and body["top_k"] == 1
+    assert body["lora"] == [{"id": 2, "scale": 1.0}]
+    # logprobs=0 still needs the chosen token's logprob: n_probs 0 would report nothing.
+    assert body["n_probs"] == 1 and body["post_sampling_probs"] is False
+    assert body["ignore_eos"] and body["cache_prompt"] is False
+    assert completion_body([9], SamplingParams(logprobs=5), None)["n_probs"] == 5
+
+
+def test_body_json_constraints_go_to_llama_cpp_others_are_refused_naming_the_field():
+    schema = {"type": "object", "properties": {"b": {"type": "integer"}, "a": {"type": "string"}}}
+    c = OutputConstraint.json_schema(schema, "response_format.json_schema.schema")
+    body = completion_body([1], SamplingParams(constraint=c), None)
+    assert body["json_schema"] == schema and list(body["json_schema"]["properties"]) == ["b", "a"]
+    obj = completion_body(
+        [1], SamplingParams(constraint=OutputConstraint.json_object("response_format")), None
+    )
+    assert obj["json_schema"] == {"type": "object"}
+    for c in (
+        OutputConstraint.regex("(yes|no)", "structured_outputs.regex"),
+        OutputConstraint.choice(["a", "b"], "structured_outputs.choice"),
+        OutputConstraint.grammar("root ::= 'x'", "structured_outputs.grammar"),
+    ):
+        with pytest.raises(InvalidGenerationRequest) as err:
+            completion_body([1], SamplingParams(constraint=c), None)
+        assert err.value.param == c.param and "--engine hf" in str(err.value)
+
+
+def test_body_refuses_prompt_logprobs():
+    with pytest.raises(InvalidGenerationRequest) as err:
+        completion_body([1], SamplingParams(prompt_logprobs=1), None)
+    assert err.value.param == "echo" and "--engine hf" in str(err.value)
+
+
+def test_parse_logprobs_keeps_ids_and_the_asked_number_of_alternatives():
+    entry = json.loads(
+        '{"id": 5, "token": "a", "logprob": -0.5, "bytes": [97], "top_logprobs": ['
+        '{"id": 5, "token": "a", "logprob": -0.5}, {"id": 7, "token": "b", "logprob": -1.5}]}'
+    )
+    lp = parse_logprobs(entry, 1)
+    assert (lp.token_id, lp.logprob, lp.top) == (5, -0.5, [(5, -0.5)])
+    assert parse_logprobs(entry, 0).top == []
+
+
+class _CharTokenizer:
+    """Token i is chr(i): enough for the detokenizer."""
+
+    def decode(self, ids, **_):
+        return "".join(chr(i) for i in ids)
+
+
+def _tracker(params: SamplingParams, prompt_len: int = 3, max_model_len: int = 100) -> _Tracker:
+    request = GenerationRequest("r", list(range(prompt_len)), params)
+    return _Tracker(request, IncrementalDetokenizer(_CharTokenizer(), params.stop), max_model_len)
+
+
+def test_tracker_stops_on_stop_token_ids_unless_ignore_eos():
+    t = _tracker(SamplingParams(max_tokens=10, stop_token_ids=[2]))
+    assert t.add(ord("a"), None).text == "a" and t.finish is None
+    out = t.add(2, None)
+    assert (
+        out.finish_reason == "stop"
+        and out.text == ""
+        and out.token_ids == [2]
+        and out.num_generated_tokens == 2
+    )
+    t = _tracker(SamplingParams(max_tokens=10, stop_token_ids=[2], ignore_eos=True))
+    assert t.add(2, None).finish_reason is None
+
+
+def test_tracker_stop_strings_length_and_context_limits():
+    t = _tracker(SamplingParams(max_tokens=10, stop=["xy"]))
+    texts = [t.add(ord(c), None) for c in "abxyz"[:4]]
+    assert "".join(o.text for o in texts) == "ab" and texts[-1].finish_reason == "stop"
+    t = _tracker(SamplingParams(max_tokens=2, stop=["zz"]))
+    outs = [t.add(ord("a"), None), t.add(ord("z"), None)]
+    # The held-back "z" (maybe the start of "zz") is released when the length limit ends the request.
+    assert outs[-1].finish_reason == "length" and "".join(o.text for o in outs) == "az"
+    t = _tracker(SamplingParams(max_tokens=50), prompt_len=8, max_model_len=10)
+    assert t.add(ord("a"), None).finish_reason is None and t.add(ord("b"), None).finish_reason == "length"
+
+
+def test_tracker_end_when_llama_server_stops_first():
+    t = _tracker(SamplingParams(max_tokens=10, stop=["q"]))
+    t.add(ord("a"), None)
+    out = t.end("stop")
+    assert out.finish_reason == "stop" and out.token_ids == [] and out.num_generated_tokens == 1
+    assert _tracker(SamplingParams()).end("error", "boom").error == "boom"
+
+
+def test_gguf_type_follows_quantize_and_dtype():
+    assert gguf_type(ServeConfig(engine="llama-cpp")) == "f32"
+    assert gguf_type(ServeConfig(engine="llama-cpp", quantize="int8")) == "q8_0"
+    assert gguf_type(ServeConfig(engine="llama-cpp", dtype="bfloat16")) == "bf16"
+    with pytest.raises(ValueError, match="vLLM quantizes its own way"):
+        ServeConfig(engine="vllm", quantize="int8")
+
+
+def test_engine_without_a_build_says_how_to_get_one(monkeypatch, tmp_path):
+    from serve.engine.llama_cpp import LlamaCppEngine, LlamaCppEngineError
+    from serve.models.registry import ResolvedModel
+
+    monkeypatch.setenv("LLM_SERVE_HOME", str(tmp_path))
+    monkeypatch.delenv("LLAMA_SERVER", raising=False)
+    model = ResolvedModel("x", tmp_path, "x")
+    with pytest.raises(LlamaCppEngineError, match="make llama-cpp"):
+        LlamaCppEngine(ServeConfig(engine="llama-cpp"), model, [])
+
+
+def test_engine_refuses_an_architecture_llm_export_cannot_write(monkeypatch, tmp_path):
+    from serve.engine.llama_cpp import LlamaCppEngine, LlamaCppEngineError
+    from serve.models.registry import ResolvedModel
+
+    fake = tmp_path / "llama-server"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("LLAMA_SERVER", str(fake))
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(LlamaCppEngineError, match="GPT2LMHeadModel.*--engine hf"):
+        LlamaCppEngine(ServeConfig(engine="llama-cpp"), ResolvedModel("x", tmp_path, "x"), [])
