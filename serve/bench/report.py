@@ -10,6 +10,10 @@ from dataclasses import dataclass
 
 OURS = "ours"
 INT8, Q8 = "ours-int8", "llama-cpp-q8_0"  # `--quantize int8` and its peer at about the same precision
+F32 = "llama-cpp-f32"
+# `llm-serve --engine llama-cpp` (f32, and q8_0 with --quantize int8): ours too, set against the same peers.
+OURS_CPP, OURS_CPP_Q8 = "ours-llama-cpp", "ours-llama-cpp-q8_0"
+OURS_FAMILY = (OURS, INT8, OURS_CPP, OURS_CPP_Q8)
 
 
 @dataclass(frozen=True)
@@ -34,7 +38,7 @@ def ratios(targets: dict) -> dict:
     """{peer: {scenario: ours output tok/s / peer output tok/s}} for scenarios both measured."""
     out: dict = {}
     for peer in targets:
-        if peer in (OURS, INT8):  # ours-int8 is ours too; the checks set it against llama.cpp q8_0
+        if peer in OURS_FAMILY:  # ours in other modes: the checks set them against their llama.cpp peer
             continue
         per: dict = {}
         for scenario in targets.get(OURS, {}).get("scenarios", {}):
@@ -108,6 +112,26 @@ def checks(targets: dict, many: dict | None = None) -> list[dict]:
         (
             Goal("ours-int8: 4 adapters / base-only at 16 streams", ">=", 0.85),
             adapter_ratios(targets).get(INT8),
+        ),
+        (
+            Goal("one stream: ours-llama-cpp / llama.cpp f32", ">=", 1.0),
+            _ratio(targets, OURS_CPP, F32, "single"),
+        ),
+        (
+            Goal("16 streams: ours-llama-cpp / llama.cpp f32", ">=", 1.0),
+            _ratio(targets, OURS_CPP, F32, "c16"),
+        ),
+        (
+            Goal("one stream: ours-llama-cpp-q8_0 / llama.cpp q8_0", ">=", 1.0),
+            _ratio(targets, OURS_CPP_Q8, Q8, "single"),
+        ),
+        (
+            Goal("16 streams: ours-llama-cpp-q8_0 / llama.cpp q8_0", ">=", 1.0),
+            _ratio(targets, OURS_CPP_Q8, Q8, "c16"),
+        ),
+        (
+            Goal("ours-llama-cpp: 4 adapters / base-only at 16 streams", ">=", 0.85),
+            adapter_ratios(targets).get(OURS_CPP),
         ),
         (
             Goal("64 adapters, 8 slots, random / base-only at 16 streams", ">=", 0.70),

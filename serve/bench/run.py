@@ -69,6 +69,7 @@ class BenchConfig(BaseModel):
             "vllm-cpu",
             "ours-vllm",
             *peers.LLAMA_CPP_TARGETS,
+            *peers.OURS_LLAMA_CPP_TARGETS,
         ],
         description="Servers to measure, in order (`llama-cpp` stands for its f32 and q8_0 targets).",
     )
@@ -216,6 +217,14 @@ def resolve_adapters(cfg: BenchConfig, model_dir: Path) -> dict[str, Path]:
     return make_bench_adapters(model_dir, (cfg.out_dir / "adapters").resolve(), cfg.num_adapters)
 
 
+def llama_cpp_context(cfg: BenchConfig) -> int:
+    """Tokens per llama-server slot: the longest request a scenario sends."""
+    ctx = max(cfg.prompt_len, cfg.single_prompt_len, cfg.memory_prompt_len) + cfg.output_len + 64
+    if "multiturn" in cfg.scenarios:  # the whole conversation, chat template included
+        ctx = max(ctx, cfg.multiturn_turns * (cfg.multiturn_user_len + cfg.multiturn_output_len + 16) + 64)
+    return ctx
+
+
 def spec_for(target: str, cfg: BenchConfig, model_dir: Path, adapters: dict[str, Path], workdir: Path):
     """The launch spec of `target`, or a reason string when it cannot run here."""
     if target == "ours":
@@ -226,18 +235,20 @@ def spec_for(target: str, cfg: BenchConfig, model_dir: Path, adapters: dict[str,
     if target == "llamafactory":
         first = next(iter(adapters.values()), None)
         return peers.llamafactory_spec(model_dir, first, workdir)
-    if target in peers.LLAMA_CPP_TARGETS:
+    if target in peers.LLAMA_CPP_TARGETS or target in peers.OURS_LLAMA_CPP_TARGETS:
         from serve.bench import llama_cpp
 
         binary = llama_cpp.server_binary()
         if binary is None:
             return llama_cpp.missing_reason()
+        ctx = llama_cpp_context(cfg)
+        if target in peers.OURS_LLAMA_CPP_TARGETS:
+            # The same llama-server settings as the peer rows: one slot of `ctx` tokens per stream.
+            extra = [*cfg.ours_args, "--engine", "llama-cpp", "--max-model-len", str(ctx)]
+            if peers.OURS_LLAMA_CPP_TARGETS[target] == "q8_0":
+                extra += ["--quantize", "int8"]
+            return peers.ours_spec(cfg.model, adapters, cfg.max_num_seqs, extra=extra, name=target)
         gguf = llama_cpp.gguf_for(model_dir, peers.LLAMA_CPP_TARGETS[target], cfg.out_dir.resolve() / "gguf")
-        ctx = max(cfg.prompt_len, cfg.single_prompt_len, cfg.memory_prompt_len) + cfg.output_len + 64
-        if "multiturn" in cfg.scenarios:  # the whole conversation, chat template included
-            ctx = max(
-                ctx, cfg.multiturn_turns * (cfg.multiturn_user_len + cfg.multiturn_output_len + 16) + 64
-            )
         return peers.llama_cpp_spec(target, binary, gguf, cfg.max_num_seqs, ctx, extra=cfg.llama_cpp_args)
     if not peers.vllm_venv_ready():
         return f"{peers.VLLM_VENV} is missing or unfinished (make vllm-env builds it)"
@@ -249,7 +260,7 @@ def spec_for(target: str, cfg: BenchConfig, model_dir: Path, adapters: dict[str,
 def run_scenario(proc, spec, sc: Scenario, cfg: BenchConfig, tok, base: str) -> dict:
     from serve.bench.prompts import build_prompts
 
-    peer = spec.name not in ("ours", "ours-int8", "ours-vllm")
+    peer = spec.name not in ("ours", "ours-int8", "ours-vllm", *peers.OURS_LLAMA_CPP_TARGETS)
     if sc.name == "multiturn":
         return run_multiturn(proc, spec, sc, cfg, tok, base)
     if sc.name == "c16_json":
