@@ -59,6 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help=f["device"].description)
     p.add_argument("--engine", choices=["hf", "vllm", "llama-cpp"], help=f["engine"].description)
     p.add_argument(
+        "--llama-cpp-arg",
+        action="append",
+        dest="llama_cpp_args",
+        metavar="FLAG",
+        help=f["llama_cpp_args"].description + " Repeat it; write --llama-cpp-arg=--poll to pass a flag.",
+    )
+    p.add_argument(
         "--model-impl", choices=["auto", "native", "transformers"], help=f["model_impl"].description
     )
     p.add_argument("--quantize", choices=["none", "int8"], help=f["quantize"].description)

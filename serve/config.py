@@ -142,6 +142,10 @@ class ServeConfig(BaseModel):
         "llama.cpp's llama-server on the model written as GGUF (`make llama-cpp`; CPU, start-up adapters "
         "only, fastest for one adapter at a time).",
     )
+    llama_cpp_args: list[str] = Field(
+        default_factory=list,
+        description="llama-cpp engine: extra llama-server flags, appended after ours (e.g. --poll 0).",
+    )
     model_impl: Literal["auto", "native", "transformers"] = Field(
         "auto",
         description="HF engine: run Llama/Mistral/Qwen2 with llm-serve's own decoder (native, faster) or "
@@ -196,6 +200,14 @@ class ServeConfig(BaseModel):
                 raise ValueError(
                     f"quantize={self.quantize} runs on CPU only; use --device cpu or --quantize none"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _llama_cpp_args_need_that_engine(self) -> ServeConfig:
+        if self.llama_cpp_args and self.engine != "llama-cpp":
+            raise ValueError(
+                f"llama_cpp_args (--llama-cpp-arg) are for --engine llama-cpp, not {self.engine}"
+            )
         return self
 
     @model_validator(mode="after")

@@ -275,7 +275,7 @@ class LlamaCppEngine(Engine):
             cmd += ["--lora", str(path)]
         if loras:
             cmd.append("--lora-init-without-apply")
-        return cmd
+        return cmd + list(self.config.llama_cpp_args)
 
     async def start(self) -> None:
         import httpx

@@ -157,3 +157,9 @@ def test_engine_refuses_an_architecture_llm_export_cannot_write(monkeypatch, tmp
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
     with pytest.raises(LlamaCppEngineError, match="GPT2LMHeadModel.*--engine hf"):
         LlamaCppEngine(ServeConfig(engine="llama-cpp"), ResolvedModel("x", tmp_path, "x"), [])
+
+
+def test_llama_cpp_args_only_with_that_engine():
+    assert ServeConfig(engine="llama-cpp", llama_cpp_args=["--poll", "0"]).llama_cpp_args == ["--poll", "0"]
+    with pytest.raises(ValueError, match="--engine llama-cpp"):
+        ServeConfig(llama_cpp_args=["--poll", "0"])
