@@ -10,8 +10,8 @@ a `llama-server` (`make llama-cpp`) is started on a private port and every reque
   vocabulary is the same), so all three engines see the same tokens;
 - tokens come back as ids (`return_tokens`) and are detokenised here with the same incremental
   detokeniser and stop-string rule as our engine; stop token ids are checked here too;
-- a request for an adapter selects its LoRA by id with scale 1 (`--lora-init-without-apply`: all
-  scales 0 otherwise). llama-server batches only requests with the same adapters, so mixed-adapter
+- every request sets every adapter's scale: 1 for its adapter, 0 for the others (llama-server would
+  otherwise apply them all at their start-up scale, `--lora-init-without-apply` or not). llama-server batches only requests with the same adapters, so mixed-adapter
   traffic runs one adapter group per step: our engine (`--engine hf`) is the one for many adapters;
 - what llama-server cannot do as our engine does is refused with a 400 naming the field (prompt
   logprobs, regex/grammar/choice constraints); JSON-schema outputs use llama.cpp's own grammar;
@@ -70,7 +70,12 @@ def gguf_type(config: ServeConfig) -> str:
 
 
 def completion_body(
-    prompt: list[int], params: SamplingParams, lora_id: int | None, *, cache_prompt: bool = True
+    prompt: list[int],
+    params: SamplingParams,
+    lora_id: int | None,
+    n_loras: int = 0,
+    *,
+    cache_prompt: bool = True,
 ) -> dict:
     """The `/completion` request for one generation (pure, so it is tested without llama.cpp).
 
@@ -97,12 +102,17 @@ def completion_body(
         "presence_penalty": params.presence_penalty,
         "frequency_penalty": params.frequency_penalty,
         "ignore_eos": params.ignore_eos,
-        "lora": [] if lora_id is None else [{"id": lora_id, "scale": 1.0}],
+        # Every adapter's scale, every time: llama-server keeps its start-up scale (1, even with
+        # --lora-init-without-apply) for an adapter a request leaves out, and for all of them on "lora": [].
+        "lora": [{"id": i, "scale": 1.0 if i == lora_id else 0.0} for i in range(n_loras)],
     }
     if params.greedy:
         body["top_k"] = 1  # argmax, whatever else the chain holds
     if params.seed is not None:
         body["seed"] = params.seed & 0xFFFFFFFF
+        # A prompt continued from cached keys/values gives logits a rounding apart from a fresh one,
+        # and a seeded draw near a boundary then picks another token: seeded requests recompute it.
+        body["cache_prompt"] = False
     if params.logprobs is not None:
         body["n_probs"] = max(1, params.logprobs)  # n_probs 0 reports nothing, not even the chosen token
         body["post_sampling_probs"] = False  # the model's distribution, as our engine and vLLM report
@@ -266,10 +276,13 @@ class LlamaCppEngine(Engine):
         )  # fmt: skip
         if not self.config.prefix_caching:
             cmd.append("--no-cache-prompt")
-        # llama-server's host-memory prompt cache (8 GiB by default) follows --prefix-cache-memory-gb.
-        cache_mib = (
-            int((self.config.prefix_cache_memory_gb or 1.0) * 1024) if self.config.prefix_caching else 0
-        )
+        # llama-server's host-memory prompt cache (8 GiB by default) follows --prefix-cache-memory-gb. It
+        # is keyed by tokens only, not by adapter: a base request was seen continuing from keys/values
+        # an adapter computed for the same prompt. With adapters, only each slot's own cache is kept
+        # (llama-server clears that one when the slot changes adapter).
+        cache_mib = 0
+        if self.config.prefix_caching and not loras:
+            cache_mib = int((self.config.prefix_cache_memory_gb or 1.0) * 1024)
         cmd += ["--cache-ram", str(cache_mib)]
         for path in loras:
             cmd += ["--lora", str(path)]
@@ -359,7 +372,9 @@ class LlamaCppEngine(Engine):
             if lora_id is None:
                 raise UnknownAdapterError(request.adapter)
         p = request.params
-        body = completion_body(request.prompt_token_ids, p, lora_id, cache_prompt=self.config.prefix_caching)
+        body = completion_body(
+            request.prompt_token_ids, p, lora_id, len(self._lora_ids), cache_prompt=self.config.prefix_caching
+        )
         tracker = _Tracker(request, IncrementalDetokenizer(self.tokenizer, p.stop), self.max_model_len)
         top = p.logprobs or 0
         self._inflight[request.request_id] = request

@@ -20,7 +20,9 @@ def test_body_switches_off_llama_cpp_sampler_defaults_and_maps_fields():
                        frequency_penalty=-0.25)  # fmt: skip
     body = completion_body([1, 2, 3], p, lora_id=None)
     assert body["prompt"] == [1, 2, 3] and body["n_predict"] == 7
-    assert body["stream"] and body["return_tokens"] and body["cache_prompt"]
+    assert body["stream"] and body["return_tokens"]
+    # A seeded request recomputes its prompt: a cached prefix's logits are a rounding apart.
+    assert body["cache_prompt"] is False and completion_body([1], SamplingParams(), None)["cache_prompt"]
     assert body["temperature"] == 0.7 and body["top_p"] == 0.9
     # What an OpenAI client does not ask for must not shape the output: top_k 40, min_p 0.05, repeat penalty.
     assert (
@@ -37,9 +39,12 @@ def test_body_switches_off_llama_cpp_sampler_defaults_and_maps_fields():
 
 def test_body_greedy_adapter_logprobs_and_no_prefix_cache():
     p = SamplingParams(max_tokens=1, temperature=0.0, logprobs=0, ignore_eos=True)
-    body = completion_body([9], p, lora_id=2, cache_prompt=False)
+    body = completion_body([9], p, lora_id=2, n_loras=3, cache_prompt=False)
     assert body["temperature"] == 0.0 and body["top_k"] == 1
-    assert body["lora"] == [{"id": 2, "scale": 1.0}]
+    # Every adapter's scale is sent: llama-server applies a left-out one at its start-up scale (1).
+    assert body["lora"] == [{"id": 0, "scale": 0.0}, {"id": 1, "scale": 0.0}, {"id": 2, "scale": 1.0}]
+    base = completion_body([9], p, lora_id=None, n_loras=2)["lora"]
+    assert base == [{"id": 0, "scale": 0.0}, {"id": 1, "scale": 0.0}]
     # logprobs=0 still needs the chosen token's logprob: n_probs 0 would report nothing.
     assert body["n_probs"] == 1 and body["post_sampling_probs"] is False
     assert body["ignore_eos"] and body["cache_prompt"] is False
