@@ -15,6 +15,12 @@ piece), so `tune_row_padding` times each weight shape at every row count up to `
 and, where a few more rows of zeros run faster, the matmul runs padded and the extra rows are
 dropped (a view: nothing is copied back).
 On GPU plain `F.linear` is used.
+
+The server's load calls the tuning functions with `cache=True`: what they measured (transposed copies'
+timings, padding tables, int8 splits) is stored per machine, torch version, thread count and weight
+shapes in `$LLM_SERVE_HOME/tune/` (`serve.engine.tune_cache`) and reused by later starts, which then
+skip the ~12 s of timing (default model, 2 cores). `LLM_SERVE_RETUNE=1` measures again and
+overwrites the stored tables.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+from serve.engine import tune_cache
 
 logger = logging.getLogger(__name__)
 
@@ -103,12 +111,13 @@ class Dense:
             self.weight_t[:, start:end].copy_(rows.t())
 
 
-def tune_single_row(denses: list[Dense], max_extra_bytes: int | None = None) -> int:
+def tune_single_row(denses: list[Dense], max_extra_bytes: int | None = None, cache: bool = False) -> int:
     """Give transposed copies to the weights (grouped by shape) whose one-row matmul they speed up.
 
     Each shape is timed over all its weights in turn, so the figures are for weights out of cache as
     in a real step. Returns the bytes added; stays within `max_extra_bytes` (default: a quarter of
-    the memory available now), largest groups first.
+    the memory available now), largest groups first. With `cache`, the timings come from (and go
+    to) `tune_cache`; the memory cap is applied anew at every call.
     """
     cpu = [d for d in denses if d.cpu]
     if not cpu:
@@ -118,6 +127,11 @@ def tune_single_row(denses: list[Dense], max_extra_bytes: int | None = None) -> 
     by_shape: dict[tuple[int, int], list[Dense]] = {}
     for d in cpu:
         by_shape.setdefault(d.shape, []).append(d)
+    # The mean over a group depends on how many weights it cycles through: the count is in the key.
+    key = {"shapes": sorted([*s, str(g[0].weight.dtype), len(g)] for s, g in by_shape.items())}
+    stored = tune_cache.load("one-row copies", key, _check_timings) if cache else None
+    timings: dict[str, list[float]] = dict(stored or {})
+    measured, t0 = False, time.perf_counter()
     added = 0
     # Largest groups first: they gain the most; a group that would pass the cap is not tried.
     for shape, group in sorted(by_shape.items(), key=lambda kv: -kv[0][0] * kv[0][1] * len(kv[1])):
@@ -125,11 +139,15 @@ def tune_single_row(denses: list[Dense], max_extra_bytes: int | None = None) -> 
         if added + size > max_extra_bytes:
             logger.info("one-row matmul %s x%d: no transposed copy (memory cap)", list(shape), len(group))
             continue
-        x = torch.randn(1, shape[1], dtype=group[0].weight.dtype)
-        plain = _time_pass(group, x)
-        for d in group:
-            d.set_transposed(d.weight.t().contiguous())
-        copied = _time_pass(group, x)
+        name = _shape_name(shape)
+        if name not in timings:  # no cache, or the cap kept this shape out when it was filled
+            x = torch.randn(1, shape[1], dtype=group[0].weight.dtype)
+            plain = _time_pass(group, x)
+            for d in group:
+                d.set_transposed(d.weight.t().contiguous())
+            timings[name] = [plain, _time_pass(group, x)]
+            measured = True
+        plain, copied = timings[name]
         gain = 1 - copied / plain
         keep = gain >= MIN_GAIN
         logger.info(
@@ -138,52 +156,65 @@ def tune_single_row(denses: list[Dense], max_extra_bytes: int | None = None) -> 
         )  # fmt: skip
         if keep:
             added += size
-        else:
-            for d in group:
+        for d in group:
+            if not keep:
                 d.set_transposed(None)
+            elif d.weight_t is None:
+                d.set_transposed(d.weight.t().contiguous())
+    if cache and measured:
+        tune_cache.save("one-row copies", key, timings, time.perf_counter() - t0)
     return added
 
 
+def _check_timings(timings) -> None:
+    for plain, copied in timings.values():
+        if not (plain > 0 and copied > 0):
+            raise ValueError(f"timings must be positive: {plain}, {copied}")
+
+
 def tune_row_padding(
-    denses: list[Dense], head_rows: int = 32, repeats: int = 2
+    denses: list[Dense], head_rows: int = 32, repeats: int = 2, cache: bool = False
 ) -> dict[tuple[int, int], list[int]]:
     """Time each weight shape's `(W @ x.T)` at every row count from 2 to `SMALL_M`, and give its
     weights a table (`Dense.pad_to`) sending each row count to the count within `PAD_REACH` above it
     that runs at least `MIN_PAD_GAIN` faster, when one does, and still does when the two are timed
     again head to head. Shapes of over 16M values (an LM
     head: only sampled rows reach it) are timed up to `head_rows` rows only, to keep start-up short.
+    With `cache`, the tables come from (and go to) `tune_cache`.
     Returns the tables by shape (row counts that are padded only), for the log and tests.
     """
     by_shape: dict[tuple[int, int], list[Dense]] = {}
     for d in denses:
         if d.cpu:
             by_shape.setdefault(d.shape, []).append(d)
+    if not by_shape:
+        return {}
+    limits = {
+        shape: SMALL_M if shape[0] * shape[1] <= 16 * 2**20 else min(head_rows, SMALL_M) for shape in by_shape
+    }
+
+    def measure() -> dict[str, list[int]]:
+        return {_shape_name(s): _pad_table(g[0].weight, limits[s], repeats) for s, g in by_shape.items()}
+
+    def check(tables: dict[str, list[int]]) -> None:
+        for shape, limit in limits.items():
+            table = tables[_shape_name(shape)]
+            if len(table) != limit + 1 or table[:2] != [0, 1]:
+                raise ValueError(f"table for {shape} has {len(table)} entries, not {limit + 1}")
+            if not all(type(t) is int and m <= t <= min(m + PAD_REACH, limit) for m, t in enumerate(table)):
+                raise ValueError(f"table for {shape} pads outside [m, m + {PAD_REACH}]")
+
+    if cache:
+        key = {
+            "shapes": sorted([*s, str(g[0].weight.dtype), limits[s]] for s, g in by_shape.items()),
+            "small_m": SMALL_M, "pad_reach": PAD_REACH, "min_pad_gain": MIN_PAD_GAIN, "repeats": repeats,
+        }  # fmt: skip
+        tables = tune_cache.cached("row padding", key, measure, check)
+    else:
+        tables = measure()
     padded: dict[tuple[int, int], list[int]] = {}
     for shape, group in by_shape.items():
-        limit = SMALL_M if shape[0] * shape[1] <= 16 * 2**20 else min(head_rows, SMALL_M)
-        w = group[0].weight
-        x = torch.randn(limit, shape[1], dtype=w.dtype)
-        cost = [0.0, 0.0]
-        for m in range(2, limit + 1):
-            xm = x[:m].t()
-            best = float("inf")
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                w @ xm  # noqa: B018
-                best = min(best, time.perf_counter() - t0)
-            cost.append(best)
-        table = list(range(limit + 1))
-        for m in range(2, limit + 1):
-            faster = min(range(m, min(m + PAD_REACH, limit) + 1), key=cost.__getitem__)
-            if cost[faster] < (1 - MIN_PAD_GAIN) * cost[m]:
-                table[m] = faster
-        # One pass over every row count lets a stray slow sample (the OS took the core) pick a
-        # padding: confirm each chosen one head to head, interleaved, before trusting it.
-        for m in [m for m in range(2, limit + 1) if table[m] != m]:
-            a, b = x[:m].t(), x[: table[m]].t()
-            plain, pad = _head_to_head(lambda: w @ a, lambda: w @ b, repeats + 1)  # noqa: B023
-            if pad >= (1 - MIN_PAD_GAIN) * plain:
-                table[m] = m
+        table, limit = tables[_shape_name(shape)], limits[shape]
         for d in group:
             d.pad_to = table
         padded[shape] = [m for m in range(2, limit + 1) if table[m] != m]
@@ -192,6 +223,37 @@ def tune_row_padding(
             len(padded[shape]), limit - 1, ", ".join(f"{m}->{table[m]}" for m in padded[shape][:12]),
         )  # fmt: skip
     return padded
+
+
+def _pad_table(w: torch.Tensor, limit: int, repeats: int) -> list[int]:
+    """`pad_to` for `w`: each row count up to `limit` sent to the one it runs fastest at (see above)."""
+    x = torch.randn(limit, w.shape[1], dtype=w.dtype)
+    cost = [0.0, 0.0]
+    for m in range(2, limit + 1):
+        xm = x[:m].t()
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            w @ xm  # noqa: B018
+            best = min(best, time.perf_counter() - t0)
+        cost.append(best)
+    table = list(range(limit + 1))
+    for m in range(2, limit + 1):
+        faster = min(range(m, min(m + PAD_REACH, limit) + 1), key=cost.__getitem__)
+        if cost[faster] < (1 - MIN_PAD_GAIN) * cost[m]:
+            table[m] = faster
+    # One pass over every row count lets a stray slow sample (the OS took the core) pick a
+    # padding: confirm each chosen one head to head, interleaved, before trusting it.
+    for m in [m for m in range(2, limit + 1) if table[m] != m]:
+        a, b = x[:m].t(), x[: table[m]].t()
+        plain, pad = _head_to_head(lambda: w @ a, lambda: w @ b, repeats + 1)  # noqa: B023
+        if pad >= (1 - MIN_PAD_GAIN) * plain:
+            table[m] = m
+    return table
+
+
+def _shape_name(shape: tuple[int, int]) -> str:
+    return f"{shape[0]}x{shape[1]}"
 
 
 def _head_to_head(first, second, repeats: int) -> tuple[float, float]:
@@ -304,29 +366,43 @@ class Int8Dense:
         return y.to(x.dtype).mul_(self.scale_f)
 
 
-def tune_int8_rows(denses: list[Int8Dense], repeats: int = 2) -> dict[tuple[int, int], float]:
+def tune_int8_rows(
+    denses: list[Int8Dense], repeats: int = 2, cache: bool = False
+) -> dict[tuple[int, int], float]:
     """Per weight shape, the most rows for which the int8 kernel beats the bf16 path on this CPU.
 
     Both are timed (head to head, alternating) at each of `INT8_TUNE_ROWS`; `kernel_max_rows` becomes
     the largest count below the first at which the bf16 path wins, or infinity when it never does
-    (no native bf16: the kernel serves every step, prefill included). Returns it by shape.
+    (no native bf16: the kernel serves every step, prefill included). With `cache`, the choices come
+    from (and go to) `tune_cache`. Returns it by shape.
     """
     by_shape: dict[tuple[int, int], list[Int8Dense]] = {}
     for d in denses:
         by_shape.setdefault(d.shape, []).append(d)
+    if not by_shape:
+        return {}
+
+    def measure() -> dict[str, int | None]:  # None: the kernel at every row count (JSON has no infinity)
+        return {_shape_name(s): _int8_limit(g[0], repeats) for s, g in by_shape.items()}
+
+    def check(limits: dict[str, int | None]) -> None:
+        for shape in by_shape:
+            limit = limits[_shape_name(shape)]
+            if limit is not None and (type(limit) is not int or limit < 1):
+                raise ValueError(f"kernel_max_rows for {shape} is {limit!r}")
+
+    if cache:
+        key = {
+            "shapes": sorted(list(s) for s in by_shape), "rows": list(INT8_TUNE_ROWS), "repeats": repeats,
+            "packed": any(g[0].packed is not None for g in by_shape.values()),  # oneDNN's bf16 path
+        }  # fmt: skip
+        limits = tune_cache.cached("int8 rows", key, measure, check)
+    else:
+        limits = measure()
     chosen: dict[tuple[int, int], float] = {}
     for shape, group in by_shape.items():
-        d, limit = group[0], float("inf")
-        x = torch.randn(max(INT8_TUNE_ROWS), shape[1])
-        previous = 1
-        for m in INT8_TUNE_ROWS:
-            xm = x[:m]
-            d.kernel(xm), d.via_bf16(xm)  # warm-up (oneDNN builds its primitive once per shape)
-            kernel, bf16 = _head_to_head(lambda: d.kernel(xm), lambda: d.via_bf16(xm), repeats)  # noqa: B023
-            if bf16 < kernel:
-                limit = previous
-                break
-            previous = m
+        stored = limits[_shape_name(shape)]
+        limit = float("inf") if stored is None else stored
         for g in group:
             g.kernel_max_rows = limit
         chosen[shape] = limit
@@ -334,6 +410,20 @@ def tune_int8_rows(denses: list[Int8Dense], repeats: int = 2) -> dict[tuple[int,
             "int8 matmul %s x%d: the int8 kernel up to %s rows, bf16 above", list(shape), len(group), limit
         )
     return chosen
+
+
+def _int8_limit(d: Int8Dense, repeats: int) -> int | None:
+    """The most rows for which `d.kernel` beats `d.via_bf16`, or None when it always does."""
+    x = torch.randn(max(INT8_TUNE_ROWS), d.shape[1])
+    previous = 1
+    for m in INT8_TUNE_ROWS:
+        xm = x[:m]
+        d.kernel(xm), d.via_bf16(xm)  # warm-up (oneDNN builds its primitive once per shape)
+        kernel, bf16 = _head_to_head(lambda: d.kernel(xm), lambda: d.via_bf16(xm), repeats)  # noqa: B023
+        if bf16 < kernel:
+            return previous
+        previous = m
+    return None
 
 
 def check_int8_support() -> None:
@@ -359,11 +449,4 @@ def check_int8_support() -> None:
 
 
 def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+    return tune_cache.cpu_info()[1]

@@ -232,11 +232,12 @@ class HFEngine(Engine):
         native = llama.NativeLlama(model, self.lora_ctx, self.max_model_len)
         native.finalize(self.max_loras, self.max_lora_rank, quantize=quantize)
         denses = [d for d in native.denses() if isinstance(d, Dense)]
-        extra = tune_single_row(denses)
+        # Measured once per machine, then loaded from $LLM_SERVE_HOME/tune/ (LLM_SERVE_RETUNE=1 re-measures).
+        extra = tune_single_row(denses, cache=True)
         if extra:
             logger.info("one-row matmuls: %.0f MB of transposed weight copies", extra / 2**20)
-        tune_row_padding(denses, head_rows=self.config.max_num_seqs + 8)
-        tune_int8_rows([d for d in native.denses() if isinstance(d, Int8Dense)])
+        tune_row_padding(denses, head_rows=self.config.max_num_seqs + 8, cache=True)
+        tune_int8_rows([d for d in native.denses() if isinstance(d, Int8Dense)], cache=True)
         return native
 
     async def start(self) -> None:
