@@ -19,7 +19,7 @@ On GPU plain `F.linear` is used.
 The server's load calls the tuning functions with `cache=True`: what they measured (transposed copies'
 timings, padding tables, int8 splits) is stored per machine, torch version, thread count and weight
 shapes in `$LLM_SERVE_HOME/tune/` (`serve.engine.tune_cache`) and reused by later starts, which then
-skip the ~12 s of timing (default model, 2 cores). `LLM_SERVE_RETUNE=1` measures again and
+skip the ~10 s of timing (default model, 2 cores). `LLM_SERVE_RETUNE=1` measures again and
 overwrites the stored tables.
 """
 

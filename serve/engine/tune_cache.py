@@ -1,6 +1,6 @@
 """On-disk cache of the matmul tuning that `serve.engine.gemm` measures at load.
 
-Timing every weight shape at every row count costs seconds per start (~12 s for the default model on
+Timing every weight shape at every row count costs seconds per start (~10 s for the default model on
 2 cores), and a machine's answer does not change between starts. `gemm`'s tuning functions, called
 with `cache=True`, store what they measured in `$LLM_SERVE_HOME/tune/<kind>-<hash>.json` and reuse
 it while everything the measurement depends on is unchanged: the key holds the CPU (model name and
