@@ -90,6 +90,8 @@ def _targets(single, c16, c16a, lf_c16, ttft, grows, turns=1.2, json_ratio=0.95)
         "llama-cpp-f32": {"status": "ok", "scenarios": {"single": sc(20.0), "c16": sc(125.0)}},
         "ours-int8": {"status": "ok", "scenarios": {"single": sc(2 * single), "c16": sc(c16), "c16_adapters": sc(c16a)}},
         "llama-cpp-q8_0": {"status": "ok", "scenarios": {"single": sc(40.0), "c16": sc(125.0)}},
+        "ours-llama-cpp": {"status": "ok", "scenarios": {"single": sc(single), "c16": sc(c16), "c16_adapters": sc(c16a)}},
+        "ours-llama-cpp-q8_0": {"status": "ok", "scenarios": {"single": sc(2 * single), "c16": sc(c16)}},
     }  # fmt: skip
 
 

@@ -63,7 +63,7 @@ def test_int8_row_tuning_picks_the_faster_path_per_shape(caplog):
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        ({"engine": "vllm"}, "hf engine"),
+        ({"engine": "vllm"}, "hf and llama-cpp engines"),
         ({"model_impl": "transformers"}, "native decoder"),
         ({"device": "cuda"}, "CPU only"),
         ({"quantize": "int4"}, "quantize"),
