@@ -208,6 +208,11 @@ class ServeConfig(BaseModel):
             raise ValueError(
                 f"llama_cpp_args (--llama-cpp-arg) are for --engine llama-cpp, not {self.engine}"
             )
+        if self.engine == "llama-cpp" and (self.adapter_dirs or self.allow_runtime_lora):
+            raise ValueError(
+                "--engine llama-cpp serves only the adapters given with --adapter at start-up (llama-server "
+                "reads LoRA files once); drop --adapter-dir/--allow-runtime-lora, or use --engine hf"
+            )
         return self
 
     @model_validator(mode="after")

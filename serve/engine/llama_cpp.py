@@ -219,6 +219,11 @@ class LlamaCppEngine(Engine):
                 f"--engine llama-cpp serves {', '.join(sorted(ARCHITECTURES))} models (what llm-export writes "
                 f"as GGUF); {model.path} is {arch}: use --engine hf"
             )
+        if adapters:
+            from train.export.gguf_lora import plan_lora_gguf
+
+            for spec in adapters:  # headers only: a bad adapter stops start-up before any weights load
+                plan_lora_gguf(Path(spec.path), Path(model.path))
         self.binary = binary
         self.config = config
         self.model = model

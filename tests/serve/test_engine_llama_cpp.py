@@ -168,3 +168,26 @@ def test_llama_cpp_args_only_with_that_engine():
     assert ServeConfig(engine="llama-cpp", llama_cpp_args=["--poll", "0"]).llama_cpp_args == ["--poll", "0"]
     with pytest.raises(ValueError, match="--engine llama-cpp"):
         ServeConfig(llama_cpp_args=["--poll", "0"])
+
+
+def test_llama_cpp_engine_refuses_runtime_adapters_at_start_up():
+    with pytest.raises(ValueError, match="only the adapters given with --adapter"):
+        ServeConfig(engine="llama-cpp", adapter_dirs=["saves"])
+
+
+def test_an_adapter_llama_cpp_cannot_take_stops_start_up(monkeypatch, tmp_path):
+    from serve.adapters import AdapterSpec
+    from serve.engine.llama_cpp import LlamaCppEngine
+    from serve.models.registry import ResolvedModel
+    from train.export.gguf_lora import GgufLoraError
+
+    fake = tmp_path / "llama-server"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("LLAMA_SERVER", str(fake))
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    adapter = tmp_path / "a"
+    adapter.mkdir()  # no adapter_config.json / weights
+    spec = AdapterSpec("a", adapter, "x", 8, 16.0, ["q_proj"])
+    with pytest.raises(GgufLoraError, match=str(adapter)):
+        LlamaCppEngine(ServeConfig(engine="llama-cpp"), ResolvedModel("x", tmp_path, "x"), [spec])
