@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from serve.adapters import AdapterError, AdapterSpec
-from serve.engine.types import GenerationOutput, GenerationRequest
+from serve.engine.types import GenerationOutput, GenerationRequest, SamplingParams
 
 
 @dataclass
@@ -73,6 +73,14 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def health(self) -> EngineHealth:
         """Whether the engine can serve now (see `EngineHealth`)."""
+
+    async def warm_up(self) -> None:
+        """One greedy token through `generate`: for engines whose first request would otherwise pay for
+        lazy set-up (vLLM's, llama-server's), so /ready means a request is answered at full speed."""
+        ids = self.tokenizer.encode("Hello") or [0]
+        request = GenerationRequest("warmup", list(ids), SamplingParams(max_tokens=1, temperature=0.0))
+        async for _ in self.generate(request):
+            pass
 
     @property
     def ready(self) -> bool:

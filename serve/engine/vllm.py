@@ -233,10 +233,7 @@ class VLLMEngine(Engine):
         await self._warm_up()
 
     async def _warm_up(self) -> None:
-        ids = self.tokenizer.encode("Hello") or [0]
-        request = GenerationRequest("warmup", list(ids), SamplingParams(max_tokens=1, temperature=0.0))
-        async for _ in self.generate(request):
-            pass
+        await self.warm_up()
         self._ready = True
 
     async def shutdown(self, timeout: float = 30.0) -> None:

@@ -151,14 +151,20 @@ def test_engine_without_a_build_says_how_to_get_one(monkeypatch, tmp_path):
         LlamaCppEngine(ServeConfig(engine="llama-cpp"), model, [])
 
 
-def test_engine_refuses_an_architecture_llm_export_cannot_write(monkeypatch, tmp_path):
-    from serve.engine.llama_cpp import LlamaCppEngine, LlamaCppEngineError
-    from serve.models.registry import ResolvedModel
-
+@pytest.fixture
+def fake_llama_server(monkeypatch, tmp_path):
+    """$LLAMA_SERVER pointing at an executable that is never run (the checks come first)."""
     fake = tmp_path / "llama-server"
     fake.write_text("#!/bin/sh\n")
     fake.chmod(0o755)
     monkeypatch.setenv("LLAMA_SERVER", str(fake))
+    return fake
+
+
+def test_engine_refuses_an_architecture_llm_export_cannot_write(fake_llama_server, tmp_path):
+    from serve.engine.llama_cpp import LlamaCppEngine, LlamaCppEngineError
+    from serve.models.registry import ResolvedModel
+
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
     with pytest.raises(LlamaCppEngineError, match="GPT2LMHeadModel.*--engine hf"):
         LlamaCppEngine(ServeConfig(engine="llama-cpp"), ResolvedModel("x", tmp_path, "x"), [])
@@ -175,16 +181,12 @@ def test_llama_cpp_engine_refuses_runtime_adapters_at_start_up():
         ServeConfig(engine="llama-cpp", adapter_dirs=["saves"])
 
 
-def test_an_adapter_llama_cpp_cannot_take_stops_start_up(monkeypatch, tmp_path):
+def test_an_adapter_llama_cpp_cannot_take_stops_start_up(fake_llama_server, tmp_path):
     from serve.adapters import AdapterSpec
     from serve.engine.llama_cpp import LlamaCppEngine
     from serve.models.registry import ResolvedModel
     from train.export.gguf_lora import GgufLoraError
 
-    fake = tmp_path / "llama-server"
-    fake.write_text("#!/bin/sh\n")
-    fake.chmod(0o755)
-    monkeypatch.setenv("LLAMA_SERVER", str(fake))
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
     adapter = tmp_path / "a"
     adapter.mkdir()  # no adapter_config.json / weights
