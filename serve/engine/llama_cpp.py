@@ -390,6 +390,8 @@ class LlamaCppEngine(Engine):
                     if not line.startswith("data: "):
                         continue
                     chunk = json.loads(line[6:])
+                    if not isinstance(chunk, dict):
+                        continue  # llama-server sends `data: null` between some events
                     if "error" in chunk:
                         yield tracker.end("error", str(chunk["error"].get("message", chunk["error"])))
                         return
