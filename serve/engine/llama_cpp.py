@@ -182,6 +182,57 @@ class _Tracker:
         )
 
 
+async def stream_completion(client, body: dict, tracker: _Tracker) -> AsyncIterator[GenerationOutput]:
+    """POST `body` to llama-server's /completion and yield our outputs, the last one finished.
+
+    Returns as soon as the tracker finishes the request (a stop string, a stop token, max_tokens):
+    leaving the response closes the connection, and llama-server drops the request. A refusal before
+    any token raises what the HTTP layer maps (InvalidGenerationRequest, EngineOverloadedError);
+    httpx.TransportError propagates for the engine to tell a dead llama-server from a dropped link."""
+    params = tracker.request.params
+    async with client.stream("POST", "/completion", json=body) as response:
+        if response.status_code != 200:
+            await response.aread()
+            raise refusal(response, params.constraint.param if params.constraint is not None else None)
+        async for line in response.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            chunk = json.loads(line[6:])
+            if not isinstance(chunk, dict):
+                continue  # llama-server sends `data: null` between some events
+            if "error" in chunk:
+                error = chunk["error"]
+                yield tracker.end(
+                    "error", str(error.get("message", error) if isinstance(error, dict) else error)
+                )
+                return
+            probs = chunk.get("completion_probabilities") or []
+            for i, token in enumerate(chunk.get("tokens") or []):
+                lp = None
+                if params.logprobs is not None and i < len(probs):
+                    lp = parse_logprobs(probs[i], params.logprobs)
+                yield tracker.add(int(token), lp)
+                if tracker.finish:
+                    return
+            if chunk.get("stop"):
+                yield tracker.end("length" if chunk.get("stop_type") == "limit" else "stop")
+                return
+    yield tracker.end("abort")  # the stream ended without llama-server saying it stopped
+
+
+def refusal(response, constraint_param: str | None) -> Exception:
+    """The error for a non-200 answer from llama-server (a 400 on a JSON schema names the schema's field)."""
+    try:
+        message = response.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = response.text[:500]
+    if response.status_code == 400:
+        return InvalidGenerationRequest(f"llama.cpp refused the request: {message}", param=constraint_param)
+    if response.status_code == 503:
+        return EngineOverloadedError(f"llama-server is busy: {message}")
+    return RuntimeError(f"llama-server answered {response.status_code}: {message}")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -378,37 +429,11 @@ class LlamaCppEngine(Engine):
             request.prompt_token_ids, p, lora_id, len(self._lora_ids), cache_prompt=self.config.prefix_caching
         )
         tracker = _Tracker(request, IncrementalDetokenizer(self.tokenizer, p.stop), self.max_model_len)
-        top = p.logprobs or 0
         self._inflight[request.request_id] = request
         self._idle.clear()
         try:
-            async with self._client.stream("POST", "/completion", json=body) as response:
-                if response.status_code != 200:
-                    await response.aread()
-                    raise self._refusal(response)
-                async for line in response.aiter_lines():
-                    if not line.startswith("data: "):
-                        continue
-                    chunk = json.loads(line[6:])
-                    if not isinstance(chunk, dict):
-                        continue  # llama-server sends `data: null` between some events
-                    if "error" in chunk:
-                        yield tracker.end("error", str(chunk["error"].get("message", chunk["error"])))
-                        return
-                    probs = chunk.get("completion_probabilities") or []
-                    for i, token in enumerate(chunk.get("tokens") or []):
-                        lp = (
-                            parse_logprobs(probs[i], top)
-                            if p.logprobs is not None and i < len(probs)
-                            else None
-                        )
-                        yield tracker.add(int(token), lp)
-                        if tracker.finish:
-                            return  # leaving the `with` closes the connection: llama-server drops the request
-                    if chunk.get("stop"):
-                        yield tracker.end("length" if chunk.get("stop_type") == "limit" else "stop")
-                        return
-            yield tracker.end("abort")
+            async for out in stream_completion(self._client, body, tracker):
+                yield out
         except httpx.TransportError as exc:
             dead = self._check_dead()
             if tracker.generated == 0 and dead:
@@ -419,18 +444,6 @@ class LlamaCppEngine(Engine):
             self._inflight.pop(request.request_id, None)
             if not self._inflight:
                 self._idle.set()
-
-    def _refusal(self, response) -> Exception:
-        try:
-            message = response.json()["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            message = response.text[:500]
-        if response.status_code == 400:
-            param = "response_format" if "grammar" in message or "schema" in message else None
-            return InvalidGenerationRequest(f"llama.cpp refused the request: {message}", param=param)
-        if response.status_code == 503:
-            return EngineOverloadedError(f"llama-server is busy: {message}")
-        return RuntimeError(f"llama-server answered {response.status_code}: {message}")
 
     def _check_dead(self) -> str | None:
         proc = self._proc

@@ -193,3 +193,93 @@ def test_an_adapter_llama_cpp_cannot_take_stops_start_up(fake_llama_server, tmp_
     spec = AdapterSpec("a", adapter, "x", 8, 16.0, ["q_proj"])
     with pytest.raises(GgufLoraError, match=str(adapter)):
         LlamaCppEngine(ServeConfig(engine="llama-cpp"), ResolvedModel("x", tmp_path, "x"), [spec])
+
+
+def _sse(*events) -> bytes:
+    return b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events)
+
+
+def _stream(params: SamplingParams, status: int, content: bytes, prompt_len: int = 3) -> list:
+    """Run stream_completion against an in-memory llama-server answering `status` with `content`."""
+    import asyncio
+
+    import httpx
+
+    from serve.engine.llama_cpp import stream_completion
+
+    seen = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(json.loads(request.content))
+        return httpx.Response(status, content=content)
+
+    async def run():
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler), base_url="http://x") as client:
+            tracker = _tracker(params, prompt_len)
+            body = completion_body(tracker.request.prompt_token_ids, params, None)
+            return [out async for out in stream_completion(client, body, tracker)]
+
+    outs = asyncio.run(run())
+    assert seen[0]["prompt"] == list(range(prompt_len))
+    return outs
+
+
+def test_stream_turns_token_chunks_into_outputs_and_skips_null_events():
+    content = _sse(
+        {"tokens": [ord("h")], "stop": False},
+        None,  # llama-server sends `data: null` between some events
+        {"tokens": [ord("i")], "stop": False},
+        {"tokens": [], "stop": True, "stop_type": "eos"},
+    )
+    outs = _stream(SamplingParams(max_tokens=10), 200, content)
+    assert [o.token_ids for o in outs] == [[ord("h")], [ord("i")], []]
+    assert "".join(o.text for o in outs) == "hi" and outs[-1].finish_reason == "stop"
+    assert outs[-1].num_generated_tokens == 2
+
+
+def test_stream_finishes_on_our_limits_without_waiting_for_llama_server():
+    tokens = [{"tokens": [ord(c)], "stop": False} for c in "abcdef"]
+    outs = _stream(SamplingParams(max_tokens=3), 200, _sse(*tokens))
+    assert len(outs) == 3 and outs[-1].finish_reason == "length" and "".join(o.text for o in outs) == "abc"
+    outs = _stream(SamplingParams(max_tokens=10, stop=["cd"]), 200, _sse(*tokens))
+    assert outs[-1].finish_reason == "stop" and "".join(o.text for o in outs) == "ab"
+    # llama-server's own limit (n_predict) is "length" too.
+    outs = _stream(
+        SamplingParams(max_tokens=10),
+        200,
+        _sse(tokens[0], {"tokens": [], "stop": True, "stop_type": "limit"}),
+    )
+    assert outs[-1].finish_reason == "length"
+
+
+def test_stream_logprobs_errors_and_a_cut_stream():
+    lp = {
+        "id": 104,
+        "token": "h",
+        "logprob": -0.1,
+        "top_logprobs": [{"id": 104, "logprob": -0.1}, {"id": 1, "logprob": -3.0}],
+    }
+    content = _sse(
+        {"tokens": [104], "completion_probabilities": [lp], "stop": False}, {"error": {"message": "boom"}}
+    )
+    outs = _stream(SamplingParams(max_tokens=10, logprobs=1), 200, content)
+    assert outs[0].logprobs[0].top == [(104, -0.1)]
+    assert outs[-1].finish_reason == "error" and outs[-1].error == "boom"
+    outs = _stream(SamplingParams(max_tokens=10), 200, _sse({"tokens": [104], "stop": False}))
+    assert outs[-1].finish_reason == "abort"  # the stream ended without a stop event
+
+
+def test_stream_refusals_become_the_errors_the_http_layer_maps():
+    from serve.engine.types import EngineOverloadedError
+
+    schema = OutputConstraint.json_schema({"type": "object"}, "response_format.json_schema.schema")
+    body = json.dumps({"error": {"message": "failed to parse grammar"}}).encode()
+    with pytest.raises(InvalidGenerationRequest) as err:
+        _stream(SamplingParams(constraint=schema), 400, body)
+    assert err.value.param == "response_format.json_schema.schema" and "failed to parse grammar" in str(
+        err.value
+    )
+    with pytest.raises(EngineOverloadedError):
+        _stream(SamplingParams(), 503, b'{"error": {"message": "loading"}}')
+    with pytest.raises(RuntimeError, match="answered 500"):
+        _stream(SamplingParams(), 500, b"oops")
