@@ -37,7 +37,7 @@ vllm-env:
 # llama.cpp's llama-server, the CPU peer for `make bench` and tests/export/test_llama_cpp.py: built once
 # from the llama-cpp-python sdist on PyPI (~8 min on 2 cores), cached under $LLM_SERVE_HOME/llama.cpp/.
 llama-cpp: setup
-	$(PY) -m serve.bench.llama_cpp build $(LLAMA_CPP_ARGS)
+	$(PY) -m serve.llama_server build $(LLAMA_CPP_ARGS)
 
 # Optional extras of .venv, each in its own directory that only the training worker reads:
 # trl 0.9.6 for stage ppo (seconds), DeepSpeed for `llm-train --deepspeed` (about a minute).

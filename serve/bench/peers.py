@@ -169,7 +169,7 @@ def llama_cpp_spec(
     name: str, binary: Path, gguf: Path, max_num_seqs: int, ctx_per_seq: int, extra: list[str] | None = None
 ) -> ServerSpec:
     """llama-server with one slot per stream (continuous batching) and the cores we get."""
-    from serve.bench.llama_cpp import server_command
+    from serve.llama_server import server_command
 
     port = free_port()
     threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

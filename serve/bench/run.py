@@ -236,11 +236,11 @@ def spec_for(target: str, cfg: BenchConfig, model_dir: Path, adapters: dict[str,
         first = next(iter(adapters.values()), None)
         return peers.llamafactory_spec(model_dir, first, workdir)
     if target in peers.LLAMA_CPP_TARGETS or target in peers.OURS_LLAMA_CPP_TARGETS:
-        from serve.bench import llama_cpp
+        from serve import llama_server
 
-        binary = llama_cpp.server_binary()
+        binary = llama_server.server_binary()
         if binary is None:
-            return llama_cpp.missing_reason()
+            return llama_server.missing_reason()
         ctx = llama_cpp_context(cfg)
         if target in peers.OURS_LLAMA_CPP_TARGETS:
             # The same llama-server settings as the peer rows: one slot of `ctx` tokens per stream.
@@ -248,7 +248,9 @@ def spec_for(target: str, cfg: BenchConfig, model_dir: Path, adapters: dict[str,
             if peers.OURS_LLAMA_CPP_TARGETS[target] == "q8_0":
                 extra += ["--quantize", "int8"]
             return peers.ours_spec(cfg.model, adapters, cfg.max_num_seqs, extra=extra, name=target)
-        gguf = llama_cpp.gguf_for(model_dir, peers.LLAMA_CPP_TARGETS[target], cfg.out_dir.resolve() / "gguf")
+        gguf = llama_server.gguf_for(
+            model_dir, peers.LLAMA_CPP_TARGETS[target], cfg.out_dir.resolve() / "gguf"
+        )
         return peers.llama_cpp_spec(target, binary, gguf, cfg.max_num_seqs, ctx, extra=cfg.llama_cpp_args)
     if not peers.vllm_venv_ready():
         return f"{peers.VLLM_VENV} is missing or unfinished (make vllm-env builds it)"

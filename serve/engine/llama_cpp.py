@@ -11,8 +11,9 @@ a `llama-server` (`make llama-cpp`) is started on a private port and every reque
 - tokens come back as ids (`return_tokens`) and are detokenised here with the same incremental
   detokeniser and stop-string rule as our engine; stop token ids are checked here too;
 - every request sets every adapter's scale: 1 for its adapter, 0 for the others (llama-server would
-  otherwise apply them all at their start-up scale, `--lora-init-without-apply` or not). llama-server batches only requests with the same adapters, so mixed-adapter
-  traffic runs one adapter group per step: our engine (`--engine hf`) is the one for many adapters;
+  otherwise apply them all at their start-up scale, `--lora-init-without-apply` or not).
+  llama-server batches only requests with the same adapters, so mixed-adapter traffic runs one
+  adapter group per step: our engine (`--engine hf`) is the one for many adapters;
 - what llama-server cannot do as our engine does is refused with a 400 naming the field (prompt
   logprobs, regex/grammar/choice constraints); JSON-schema outputs use llama.cpp's own grammar;
 - closing a request's stream closes its connection, which makes llama-server drop the request.
@@ -51,8 +52,6 @@ from serve.engine.types import (
 )
 
 logger = logging.getLogger(__name__)
-# httpx logs every request at INFO: one line per generated request to llama-server is noise.
-logging.getLogger("httpx").setLevel(logging.WARNING)
 
 #: How long llama-server may take to load the model before start-up fails.
 START_TIMEOUT_S = 300.0
@@ -251,7 +250,7 @@ class LlamaCppEngine(Engine):
 
     def __init__(self, config: ServeConfig, model, adapters: list[AdapterSpec]):
         """Cheap checks only (binary, architecture); `start()` writes the GGUFs and starts llama-server."""
-        from serve.bench.llama_cpp import missing_reason, server_binary
+        from serve.llama_server import missing_reason, server_binary
         from train.export.gguf_writer import ARCHITECTURES
 
         binary = server_binary()
@@ -306,7 +305,7 @@ class LlamaCppEngine(Engine):
         return llm_serve_home() / "gguf" / f"{Path(self.model.path).name}-{key}"
 
     def _write_ggufs(self) -> tuple[Path, list[Path]]:
-        from serve.bench.llama_cpp import gguf_for
+        from serve.llama_server import gguf_for
 
         cache = self._cache_dir()
         cache.mkdir(parents=True, exist_ok=True)
@@ -323,7 +322,7 @@ class LlamaCppEngine(Engine):
         return gguf, loras
 
     def command(self, gguf: Path, loras: list[Path], port: int) -> list[str]:
-        from serve.bench.llama_cpp import server_command
+        from serve.llama_server import server_command
 
         threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         cmd = server_command(
@@ -348,6 +347,9 @@ class LlamaCppEngine(Engine):
 
     async def start(self) -> None:
         import httpx
+
+        # httpx logs every request at INFO: a line per generation sent to llama-server is noise.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
 
         gguf, loras = await asyncio.to_thread(self._write_ggufs)
         port = _free_port()

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from serve.bench import llama_cpp, peers, run
+from serve import llama_server
+from serve.bench import peers, run
 
 FAKE = Path(__file__).with_name("fake_openai_server.py")
 
@@ -39,9 +40,11 @@ def test_bench_writes_json_ratios_and_table(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(peers, "llamafactory_spec", lambda *a: _fake("llamafactory", "0.004", ()))
     monkeypatch.setattr(peers, "vllm_venv_ready", lambda *a: False)
     # llama.cpp: a "built" binary, a GGUF written for it, and a fake standing in for llama-server.
-    monkeypatch.setattr(llama_cpp, "server_binary", lambda *a: tmp_path / "llama-server")
+    monkeypatch.setattr(llama_server, "server_binary", lambda *a: tmp_path / "llama-server")
     gguf_types = []
-    monkeypatch.setattr(llama_cpp, "gguf_for", lambda m, qtype, d: gguf_types.append(qtype) or d / "x.gguf")
+    monkeypatch.setattr(
+        llama_server, "gguf_for", lambda m, qtype, d: gguf_types.append(qtype) or d / "x.gguf"
+    )
     monkeypatch.setattr(peers, "llama_cpp_spec", lambda name, *a, **kw: _fake(name, "0.01", ()))
     out = tmp_path / "bench"
     argv = ["--quick", "--targets", "ours,ours-int8,llamafactory,vllm-cpu,llama-cpp", "--out-dir", str(out), *adapters,

@@ -301,13 +301,14 @@ def test_llama_server_with_the_lora_decodes_the_peft_models_tokens(tmp_path, def
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from serve.bench import llama_cpp, peers
+    from serve import llama_server
+    from serve.bench import peers
     from tests.helpers.adapters import make_lora_adapter
     from train.export.verify import greedy, logits, render_prompts
 
-    binary = llama_cpp.server_binary()
+    binary = llama_server.server_binary()
     if binary is None:
-        pytest.skip(llama_cpp.missing_reason())
+        pytest.skip(llama_server.missing_reason())
     base_dir = default_model.path
     # lora_B ~ N(0, 0.05): the first prompt's reply changes ("Paris." -> "Paris, also known as ...").
     adapter = make_lora_adapter(base_dir, tmp_path / "adapter", seed=0, scale=0.05)
@@ -331,7 +332,7 @@ def test_llama_server_with_the_lora_decodes_the_peft_models_tokens(tmp_path, def
     assert min(base_margin, lora_margin) > 0.02, (base_margin, lora_margin)
 
     port = peers.free_port()
-    cmd = llama_cpp.server_command(
+    cmd = llama_server.server_command(
         binary, base_gguf, port, threads=2, parallel=1, ctx_per_seq=512, alias="base"
     )
     cmd += ["--lora", str(lora_gguf), "--lora-init-without-apply"]

@@ -9,7 +9,8 @@ import json
 
 import pytest
 
-from serve.bench import llama_cpp, peers
+from serve import llama_server
+from serve.bench import peers
 from train.export.cli import main
 
 pytestmark = pytest.mark.slow
@@ -19,9 +20,9 @@ NEW_TOKENS = 16
 
 @pytest.fixture(scope="module")
 def llama_server_binary():
-    binary = llama_cpp.server_binary()
+    binary = llama_server.server_binary()
     if binary is None:
-        pytest.skip(llama_cpp.missing_reason())
+        pytest.skip(llama_server.missing_reason())
     return binary
 
 
@@ -62,7 +63,7 @@ def test_exported_f32_gguf_in_llama_cpp_matches_the_merged_model(
     assert len(want) >= 4 and len(want_text.strip()) >= 10, (want, want_text)  # a real reply to compare
 
     port = peers.free_port()
-    cmd = llama_cpp.server_command(
+    cmd = llama_server.server_command(
         llama_server_binary, gguf, port, threads=2, parallel=1, ctx_per_seq=512, alias="merged"
     )
     spec = peers.ServerSpec(

@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 
-from serve.bench import llama_cpp
+from serve import llama_server
 from tests.helpers.server import start_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
@@ -27,8 +27,8 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 @pytest.fixture(scope="module")
 def cpp_server(e2e_adapter):
-    if llama_cpp.server_binary() is None:
-        pytest.skip(llama_cpp.missing_reason())
+    if llama_server.server_binary() is None:
+        pytest.skip(llama_server.missing_reason())
     args = ["--engine", "llama-cpp", "--adapter", f"persona={e2e_adapter}", "--api-key", KEY]
     args += ["--max-num-seqs", "4", "--max-model-len", "2048"]
     with start_server(args, timeout=900) as server:
@@ -163,8 +163,8 @@ def test_concurrent_mixed_requests_and_a_client_that_leaves(cpp, cpp_server):
 
 def test_llama_server_gone_means_503_not_a_hang(e2e_adapter):
     """Its own server: killing the llama-server child must turn /health and requests into 503s."""
-    if llama_cpp.server_binary() is None:
-        pytest.skip(llama_cpp.missing_reason())
+    if llama_server.server_binary() is None:
+        pytest.skip(llama_server.missing_reason())
     with start_server(["--engine", "llama-cpp", "--max-num-seqs", "2", "--max-model-len", "1024"]) as server:
         child = _llama_server_child(server.proc.pid)
         os.kill(child, signal.SIGKILL)

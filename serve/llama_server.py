@@ -1,8 +1,11 @@
-"""llama.cpp's `llama-server`, the CPU peer: built once from a PyPI source distribution, found, launched.
+"""llama.cpp's `llama-server`: built once from a PyPI source distribution, found, launched.
+
+`llm-serve --engine llama-cpp` runs it behind our HTTP layer (`serve/engine/llama_cpp.py`); `make
+bench` measures it as the CPU peer (`serve/bench/peers.py`).
 
 Run as:
-    python -m serve.bench.llama_cpp build     # `make llama-cpp`: download, configure, build (cached)
-    python -m serve.bench.llama_cpp path      # print the server binary, or why there is none (exit 1)
+    python -m serve.llama_server build     # `make llama-cpp`: download, configure, build (cached)
+    python -m serve.llama_server path      # print the server binary, or why there is none (exit 1)
 
 The sources are the llama.cpp tree vendored in PyPI's `llama-cpp-python` sdist (`VERSION`), so the
 build needs only the package registry, CMake and a C++ compiler. Only the `llama-server` target is
@@ -183,7 +186,7 @@ def _first_line(cmd: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m serve.bench.llama_cpp", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m serve.llama_server", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="build llama-server (cached)")
     b.add_argument("--version", default=VERSION, help="llama-cpp-python sdist version")
