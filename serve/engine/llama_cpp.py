@@ -238,6 +238,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _death_signal():
+    """A function for `preexec_fn` that makes the child get SIGKILL when its parent exits (Linux
+    prctl PR_SET_PDEATHSIG), or None where there is no prctl. Resolved here, in the parent: the child
+    between fork and exec must not import or take locks another thread may hold."""
+    import ctypes
+    import signal
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return lambda: prctl(1, signal.SIGKILL)
+
+
 def _tail(path: Path, lines: int = 15) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -358,8 +372,15 @@ class LlamaCppEngine(Engine):
         self._log_path = Path(log_name)
         logger.info("llama-cpp: starting %s (log: %s)", " ".join(cmd), self._log_path)
         with os.fdopen(fd, "wb") as log:
+            # Its own session, so a Ctrl-C reaches only us (we stop it after draining); and it dies with
+            # us, even on SIGKILL, instead of holding the port and its memory as an orphan.
             self._proc = await asyncio.create_subprocess_exec(
-                *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+                *cmd,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+                preexec_fn=_death_signal(),
             )
         self._client = httpx.AsyncClient(
             base_url=f"http://127.0.0.1:{port}",

@@ -180,6 +180,29 @@ def test_llama_server_gone_means_503_not_a_hang(e2e_adapter):
         assert server.proc.poll() is None  # our server stays up and says why
 
 
+def test_llama_server_dies_with_a_killed_server():
+    """SIGKILL on llm-serve leaves no llama-server behind holding its port and memory."""
+    if llama_server.server_binary() is None:
+        pytest.skip(llama_server.missing_reason())
+    with start_server(["--engine", "llama-cpp", "--max-num-seqs", "1", "--max-model-len", "256"]) as server:
+        child = _llama_server_child(server.proc.pid)
+        server.proc.kill()
+        server.proc.wait()
+        deadline = time.monotonic() + 10
+        while _running(child) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _running(child), f"llama-server {child} outlived its llm-serve"
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` exists and has not exited (a zombie waits only to be reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def _llama_server_child(pid: int) -> int:
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
