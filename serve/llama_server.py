@@ -87,9 +87,19 @@ def missing_reason(version: str = VERSION) -> str | None:
 
 
 def server_command(
-    binary: Path, gguf: Path, port: int, *, threads: int, parallel: int, ctx_per_seq: int, alias: str
+    binary: Path,
+    gguf: Path,
+    port: int,
+    *,
+    parallel: int,
+    ctx_per_seq: int,
+    alias: str,
+    threads: int | None = None,
 ) -> list[str]:
-    """llama-server serving `gguf` with `parallel` slots of `ctx_per_seq` tokens each, on 127.0.0.1."""
+    """llama-server serving `gguf` with `parallel` slots of `ctx_per_seq` tokens each, on 127.0.0.1, with
+    `threads` compute threads (default: every core this process may run on)."""
+    if threads is None:
+        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return [
         str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
         "-t", str(threads), "-tb", str(threads), "-np", str(parallel), "-c", str(ctx_per_seq * parallel),

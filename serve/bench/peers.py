@@ -172,10 +172,7 @@ def llama_cpp_spec(
     from serve.llama_server import server_command
 
     port = free_port()
-    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    cmd = server_command(
-        binary, gguf, port, threads=threads, parallel=max_num_seqs, ctx_per_seq=ctx_per_seq, alias="base"
-    )
+    cmd = server_command(binary, gguf, port, parallel=max_num_seqs, ctx_per_seq=ctx_per_seq, alias="base")
     cmd += list(extra or [])
     return ServerSpec(
         name=name,

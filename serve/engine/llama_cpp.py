@@ -338,10 +338,9 @@ class LlamaCppEngine(Engine):
     def command(self, gguf: Path, loras: list[Path], port: int) -> list[str]:
         from serve.llama_server import server_command
 
-        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         cmd = server_command(
-            self.binary, gguf, port, threads=threads, parallel=self.config.max_num_seqs,
-            ctx_per_seq=self.max_model_len, alias=self.model.served_id,
+            self.binary, gguf, port, parallel=self.config.max_num_seqs, ctx_per_seq=self.max_model_len,
+            alias=self.model.served_id,
         )  # fmt: skip
         if not self.config.prefix_caching:
             cmd.append("--no-cache-prompt")
